@@ -1,0 +1,1 @@
+# claims stage (rules added by its issue).

@@ -1,0 +1,1 @@
+# qc stage (rules added by its issue).

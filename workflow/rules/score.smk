@@ -1,0 +1,1 @@
+# score stage (rules added by its issue).
