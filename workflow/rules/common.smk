@@ -38,3 +38,11 @@ def samples_of(study):
 def data_dir(study):
     """Folder holding a study's input counts (simulated or fetched/placed files)."""
     return STUDIES[study].data_dir
+
+
+def sample_input(wildcards):
+    """Input of `ingest` for one sample: the simulated folder, or the sample's file in data_dir."""
+    study = STUDIES[wildcards.study]
+    if study.spec["source"] == "simulate":
+        return study.data_dir
+    return f"{study.data_dir}/{study.samples.loc[wildcards.sample, 'path']}"

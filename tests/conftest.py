@@ -1,0 +1,75 @@
+"""Shared fixtures: repository paths, the real test data and a small simulated study."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The repository root."""
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Folder of real scRNA-seq test data (skips where absent, e.g. a user's fresh clone)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real test data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def demo_params(**overrides) -> dict:
+    """The demo study's simulation parameters, with overrides."""
+    spec = yaml.safe_load((REPO / "config" / "studies" / "demo.yaml").read_text())
+    params = dict(spec["simulate"])
+    params.update(overrides)
+    return params
+
+
+@pytest.fixture(scope="session")
+def sim_study(tmp_path_factory) -> tuple[Path, dict]:
+    """A small simulated demo study (about 4000 cells): (folder, truth)."""
+    from livermsc.config import validate
+    from livermsc.simulate import simulate_study
+
+    out = tmp_path_factory.mktemp("sim_study")
+    params = validate(demo_params(n_cells=4000), "simulate", "demo.yaml")
+    truth = simulate_study(params, "mouse", REPO / "config" / "signatures.yaml", out, seed=1)
+    return out, truth
+
+
+@pytest.fixture(scope="session")
+def sim_adata(sim_study):
+    """The small simulated study as one AnnData (counts in X and layers['counts']), truth in obs.
+
+    Built with scanpy's reader only, so that stages can be tested independently of ingest.
+    """
+    import anndata as ad
+    import pandas as pd
+    import scanpy as sc
+
+    folder, _ = sim_study
+    cells = pd.read_csv(folder / "cells.tsv.gz", sep="\t")
+    sheet = pd.read_csv(folder / "samples.tsv", sep="\t")
+    parts = []
+    for row in sheet.itertuples():
+        a = sc.read_10x_mtx(folder / row.path)
+        a.obs_names = [f"{row.sample}:{bc}" for bc in a.obs_names]
+        parts.append(a)
+    adata = ad.concat(parts)
+    cells.index = cells["sample"] + ":" + cells["barcode"]
+    adata.obs = cells.loc[adata.obs_names].drop(columns=["barcode"])
+    adata.obs["animal"] = adata.obs["sample"]
+    adata.obs["batch"] = adata.obs["sample"].map(sheet.set_index("sample")["batch"])
+    adata.obs["study"] = "sim"
+    for col in ["sample", "arm", "animal", "batch", "study", "cell_type", "cell_state"]:
+        adata.obs[col] = adata.obs[col].astype("category")
+    adata.layers["counts"] = adata.X.copy()
+    return adata
