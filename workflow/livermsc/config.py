@@ -162,6 +162,14 @@ def load_study(study_id: str, studies_dir: str | Path) -> Study:
             f"known. Fill in 'accession', 'files' and the sample sheet from the paper, then set "
             f"'status: ready' (see README, 'Adding a study')."
         )
+    if spec.get("status") == "needs_sample_sheet":
+        raise ConfigError(
+            f"{path}: field 'status': this study's files are known but its samples are not yet "
+            f"mapped to arms. Download them (python -m livermsc.fetch download {path}), draft a "
+            f"sheet from the archive (python -m livermsc.fetch sheet <RAW.tar>), fill in arm and "
+            f"animal per sample from the paper, add it as 'samples' or 'sample_sheet', then set "
+            f"'status: ready' (see README, 'Adding a study')."
+        )
     if spec["source"] == "simulate":
         from livermsc.simulate import design
 
