@@ -7,6 +7,7 @@ expected, so that the Snakefile can stop with one clear line before any job runs
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ def load_yaml(path: str | Path) -> Any:
         raise ConfigError(f"{path}: not valid YAML ({err})") from err
 
 
+@functools.lru_cache(maxsize=1)
 def _registry() -> Registry:
     resources = []
     for schema_file in sorted(SCHEMA_DIR.glob("*.schema.yaml")):
