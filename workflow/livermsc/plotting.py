@@ -17,6 +17,7 @@ Each returns a matplotlib Figure; write it with :func:`save_figure` in every con
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -93,6 +94,10 @@ _FORMATS = {"png", "pdf", "svg", "jpg", "jpeg", "tif", "tiff", "eps", "ps"}
 _NO_DATES = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}
 
 
+# Saving PDFs subsets fonts, which logs every font table at INFO; keep the rules' logs readable.
+logging.getLogger("fontTools").setLevel(logging.WARNING)
+
+
 def apply_style() -> None:
     """Apply :data:`STYLE` to matplotlib (done once when this module is imported)."""
     plt.rcParams.update(STYLE)
@@ -141,9 +146,11 @@ def format_number(value: Any, digits: int = 2) -> str:
         return "NA" if value is None else str(value)
     if math.isnan(x):
         return "NA"
-    if x != 0 and (abs(x) < 10 ** -(digits + 1) or abs(x) >= 10 ** (digits + 3)):
-        return f"{x:.{digits - 1}e}"
-    return f"{x:.{digits}g}" if abs(x) < 1 else f"{x:.{digits}f}"
+    if math.isinf(x) or x == 0:
+        return str(x) if x else "0"
+    if abs(x) >= 10 ** digits:
+        return f"{x:.0f}"
+    return f"{x:.{max(digits, 1)}g}"
 
 
 def _require(df: pd.DataFrame, columns: Iterable[str], what: str) -> None:
@@ -275,8 +282,7 @@ def claims_heatmap(claims: pd.DataFrame, *, value_col: str = "hedges_g",
     grid = effect.to_numpy(dtype=float)
 
     fig, ax = plt.subplots(figsize=(2.6 + 0.8 * len(cols), 0.9 + 0.26 * len(rows)))
-    cmap = plt.get_cmap(EFFECT_CMAP).copy()
-    cmap.set_bad(MISSING_COLOUR)
+    cmap = plt.get_cmap(EFFECT_CMAP).with_extremes(bad=MISSING_COLOUR)
     norm = TwoSlopeNorm(vmin=-limit, vcenter=0.0, vmax=limit)
     image = ax.imshow(np.ma.masked_invalid(np.clip(grid, -limit, limit)), cmap=cmap,
                       norm=norm, aspect="auto", interpolation="nearest")
@@ -300,17 +306,6 @@ def claims_heatmap(claims: pd.DataFrame, *, value_col: str = "hedges_g",
     if legend:
         ax.set_title(legend, loc="left", fontsize=7)
     return fig
-
-
-def hedges_g_ci(g: float, n1: float, n2: float, level: float = 0.95) -> tuple[float, float]:
-    """Large-sample CI of Hedges' g: ``g ± z * sqrt((n1+n2)/(n1 n2) + g²/(2(n1+n2)))``."""
-    from scipy.stats import norm
-
-    if not (n1 > 0 and n2 > 0) or not np.isfinite(g):
-        return float("nan"), float("nan")
-    se = math.sqrt((n1 + n2) / (n1 * n2) + g ** 2 / (2 * (n1 + n2)))
-    z = float(norm.ppf(0.5 + level / 2))
-    return g - z * se, g + z * se
 
 
 def forest_plot(studies: pd.DataFrame, pooled: pd.DataFrame | None = None, *,
