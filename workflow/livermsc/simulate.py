@@ -219,7 +219,7 @@ class _Genome:
         if state is not None:
             for g in CELL_STATES[state][2]:
                 w[self.index[g]] = 3.5
-        # mitochondrial share ~3% (hepatocytes ~5%)
+        # mitochondrial share ~6% (hepatocytes ~9%), as in liver 10x data
         w[self.mito] = 3.3 if cell_type == "hepatocyte" else 2.8
         return w
 
