@@ -1,1 +1,146 @@
-# cluster stage (rules added by its issue).
+# Cluster and annotate a study (livermsc.cluster, livermsc.annotate): kNN graph on the scVI
+# latent space, Leiden at several resolutions, UMAP and marker tables; cell types and states
+# from the marker panel; integration metrics (PCA baseline vs scVI) and the stage's figures.
+
+from livermsc.cluster import ClusterInputError, check_config
+
+CLUSTER = config["cluster"]
+try:
+    check_config(CLUSTER)
+except ClusterInputError as err:
+    sys.exit(f"livermsc: invalid input, nothing was run.\n{err}")
+RESOLUTION_KEYS = [f"leiden_{float(r):g}" for r in CLUSTER["resolutions"]]
+UMAP_FIGURES = ["sample", "arm", "cluster", "cell_type", "cell_state"]
+SCVI_ENV = (
+    "../../envs/scvi_cpu.yaml"
+    if config["integrate"]["accelerator"] == "cpu"
+    else "../../envs/scvi.yaml"
+)
+
+
+rule cluster:
+    input:
+        h5ad="results/{study}/integrated.h5ad",
+    output:
+        h5ad="results/{study}/clustered.h5ad",
+        markers=expand(
+            "results/{{study}}/markers/{key}.tsv",
+            key=RESOLUTION_KEYS,
+        ),
+    log:
+        "logs/cluster/{study}.log",
+    benchmark:
+        "benchmarks/cluster/{study}.tsv"
+    conda:
+        "../../envs/scanpy.yaml"
+    threads: 2
+    resources:
+        mem_mb=mem_mb_from_input(factor=10, minimum=4000, maximum=256000),
+        runtime=runtime_from_input(minutes_per_gb=120, minimum=15),
+    params:
+        entry="livermsc.cluster:snakemake_cluster",
+        cfg=CLUSTER,
+        seed=config["seed"],
+    script:
+        ENTRY
+
+
+rule annotate:
+    input:
+        h5ad="results/{study}/clustered.h5ad",
+        celltypes=CLUSTER["celltypes"],
+    output:
+        h5ad="results/{study}/annotated.h5ad",
+        table="results/{study}/annotation/clusters.tsv",
+    log:
+        "logs/annotate/{study}.log",
+    benchmark:
+        "benchmarks/annotate/{study}.tsv"
+    conda:
+        "../../envs/scanpy.yaml"
+    threads: 1
+    resources:
+        mem_mb=mem_mb_from_input(factor=8, minimum=4000, maximum=256000),
+        runtime=runtime_from_input(minutes_per_gb=60, minimum=10),
+    params:
+        entry="livermsc.annotate:snakemake_entry",
+        cfg=CLUSTER,
+        species=study_species,
+        seed=config["seed"],
+    script:
+        ENTRY
+
+
+rule integration_metrics:
+    input:
+        h5ad="results/{study}/annotated.h5ad",
+    output:
+        table="results/{study}/integration_metrics.tsv",
+        figures=expand(
+            "results/{{study}}/figures/integration_metrics.{fmt}",
+            fmt=CLUSTER["figure_formats"],
+        ),
+    log:
+        "logs/integration_metrics/{study}.log",
+    benchmark:
+        "benchmarks/integration_metrics/{study}.tsv"
+    conda:
+        SCVI_ENV
+    threads: 2
+    resources:
+        mem_mb=mem_mb_from_input(factor=8, minimum=4000, maximum=128000),
+        runtime=runtime_from_input(minutes_per_gb=120, minimum=15),
+    params:
+        entry="livermsc.cluster:snakemake_metrics",
+        cfg=CLUSTER["metrics"],
+        batch_key=config["integrate"]["batch_key"],
+        formats=CLUSTER["figure_formats"],
+        seed=config["seed"],
+    script:
+        ENTRY
+
+
+rule cluster_figures:
+    input:
+        h5ad="results/{study}/annotated.h5ad",
+        celltypes=CLUSTER["celltypes"],
+    output:
+        figures=expand(
+            "results/{{study}}/figures/{name}.{fmt}",
+            name=[f"umap_{n}" for n in UMAP_FIGURES] + ["markers_dotplot"],
+            fmt=CLUSTER["figure_formats"],
+        ),
+    log:
+        "logs/cluster_figures/{study}.log",
+    benchmark:
+        "benchmarks/cluster_figures/{study}.tsv"
+    conda:
+        "../../envs/scanpy.yaml"
+    threads: 1
+    resources:
+        mem_mb=mem_mb_from_input(factor=8, minimum=4000, maximum=128000),
+        runtime=runtime_from_input(minutes_per_gb=60, minimum=10),
+    params:
+        entry="livermsc.cluster:snakemake_figures",
+        resolution=CLUSTER["annotation"]["resolution"],
+        species=study_species,
+        formats=CLUSTER["figure_formats"],
+    script:
+        ENTRY
+
+
+for _study in config["studies"]:
+    ALL_TARGETS.extend(
+        [
+            f"results/{_study}/annotated.h5ad",
+            f"results/{_study}/annotation/clusters.tsv",
+            f"results/{_study}/integration_metrics.tsv",
+            *[f"results/{_study}/markers/{key}.tsv" for key in RESOLUTION_KEYS],
+            *[
+                f"results/{_study}/figures/{name}.{fmt}"
+                for name in [f"umap_{n}" for n in UMAP_FIGURES]
+                + ["markers_dotplot", "integration_metrics"]
+                for fmt in CLUSTER["figure_formats"]
+            ],
+        ]
+    )

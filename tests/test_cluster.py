@@ -1,0 +1,146 @@
+"""Cluster stage: graph, Leiden, UMAP, marker tables, integration metrics and figures."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from livermsc.cluster import (
+    ClusterInputError,
+    check_config,
+    cluster,
+    integration_metrics,
+    metrics_figure,
+    plot_marker_dotplot,
+    plot_umaps,
+    rank_markers,
+    resolution_key,
+)
+from livermsc.config import ConfigError, validate
+from livermsc.plotting import save_figure
+from livermsc.simulate import CELL_TYPES
+from sklearn.metrics import adjusted_rand_score
+from test_integrate import integrated_sim
+
+_CACHE: dict[str, ad.AnnData] = {}
+
+
+def cluster_config(**overrides: object) -> dict:
+    """The cluster section as the workflow validates it, with overrides."""
+    return validate(dict(overrides), "cluster", "test config")
+
+
+def clustered_sim(sim_adata: ad.AnnData, tmp_dir) -> ad.AnnData:
+    """The integrated simulated study after :func:`cluster` (once per session; do not modify)."""
+    if "sim" not in _CACHE:
+        a = integrated_sim(sim_adata, tmp_dir).copy()
+        cluster(a, cluster_config(), seed=0)
+        _CACHE["sim"] = a
+    return _CACHE["sim"]
+
+
+@pytest.fixture(scope="session")
+def sim_clustered(sim_adata, tmp_path_factory):
+    return clustered_sim(sim_adata, tmp_path_factory.mktemp("cluster"))
+
+
+def test_resolution_key():
+    assert resolution_key(1) == "leiden_1"
+    assert resolution_key(0.5) == "leiden_0.5"
+    assert resolution_key(2.0) == "leiden_2"
+
+
+def test_config_checks():
+    cfg = cluster_config()
+    assert cfg["leiden_flavor"] == "igraph" and cfg["leiden_n_iterations"] == 2
+    check_config(cfg)
+    with pytest.raises(ClusterInputError, match=r"cluster\.annotation\.resolution': 1\.5"):
+        check_config(cluster_config(annotation={"resolution": 1.5}))
+    with pytest.raises(ConfigError, match="leiden_flavor"):
+        cluster_config(leiden_flavor="louvain")
+
+
+def test_missing_embedding_is_named():
+    a = ad.AnnData(np.zeros((20, 3), dtype=np.float32))
+    with pytest.raises(ClusterInputError, match="obsm has no 'X_scVI'"):
+        cluster(a, cluster_config(), seed=0)
+
+
+def test_clusters_recover_planted_types(sim_clustered):
+    a = sim_clustered
+    n = [a.obs[resolution_key(r)].nunique() for r in (0.5, 1.0, 2.0)]
+    assert n[0] <= n[1] <= n[2]
+    assert a.obsm["X_umap"].shape == (a.n_obs, 2)
+    # every cluster at resolution 1 is (almost) one planted type
+    tab = pd.crosstab(a.obs["leiden_1"], a.obs["true_type"])
+    purity = tab.max(axis=1) / tab.sum(axis=1)
+    assert purity.min() >= 0.95, purity.sort_values().head()
+    assert adjusted_rand_score(a.obs["true_type"], a.obs["leiden_0.5"]) > 0.6
+
+
+def test_leidenalg_flavor_is_supported(sim_clustered):
+    a = sim_clustered[:600].copy()
+    cluster(a, cluster_config(leiden_flavor="leidenalg", resolutions=[1.0]), seed=0)
+    assert a.obs["leiden_1"].nunique() > 5
+
+
+def test_marker_tables_name_planted_markers(sim_clustered):
+    a = sim_clustered.copy()
+    table = rank_markers(a, "leiden_1", n_genes=20)
+    assert list(table.columns[:3]) == ["cluster", "rank", "gene"]
+    assert table.groupby("cluster").size().max() == 20
+    majority = pd.crosstab(a.obs["leiden_1"], a.obs["true_type"]).idxmax(axis=1)
+    for cl, top in table.groupby("cluster"):
+        planted = set(CELL_TYPES[majority[cl]][2])
+        assert planted & set(top["gene"].head(10)), f"cluster {cl} ({majority[cl]})"
+    assert (table["pct_in"] >= 0).all() and (table["pval_adj"] <= 1).all()
+
+
+def test_integration_metrics_scvi_beats_pca(sim_clustered):
+    """scVI mixes the samples better than the PCA baseline and keeps the types apart."""
+    a = sim_clustered
+    table = integration_metrics(a, label_key="true_type", batch_key="sample")
+    wide = table.pivot(index="metric", columns="embedding", values="value")
+    print("\nintegration metrics (simulated study, planted labels)\n", wide.round(3))
+    assert set(table["group"]) == {"batch_mixing", "conservation"}
+    # (the batch silhouette is close to 0.9 for both here and does not separate them)
+    for m in ("ilisi", "kbet", "graph_connectivity"):
+        assert wide.loc[m, "X_scVI"] > wide.loc[m, "X_pca"], m
+    assert wide.loc["ilisi", "X_scVI"] > 1.5 * wide.loc["ilisi", "X_pca"]
+    # types stay separated in scVI
+    assert wide.loc["nmi", "X_scVI"] > 0.9
+    assert wide.loc["silhouette_label", "X_scVI"] > 0.8
+    assert wide.loc["isolated_labels", "X_scVI"] > 0.8
+
+
+def test_integration_metrics_inputs():
+    a = ad.AnnData(np.zeros((30, 2), dtype=np.float32),
+                   obs=pd.DataFrame({"t": ["a", "b"] * 15, "s": ["x"] * 15 + ["y"] * 15},
+                                    index=[f"c{i}" for i in range(30)]))
+    a.obsm["X_pca"] = np.random.default_rng(0).normal(size=(30, 3))
+    with pytest.raises(ClusterInputError, match=r"obsm lacks embedding\(s\) \['X_scVI'\]"):
+        integration_metrics(a, "t", "s")
+    with pytest.raises(ValueError, match="unknown metric"):
+        integration_metrics(a, "t", "s", embeddings=["X_pca"], metrics=["asw"])
+    a.obs["t"] = "a"
+    with pytest.raises(ClusterInputError, match=">= 2 labels"):
+        integration_metrics(a, "t", "s", embeddings=["X_pca"], metrics=["ilisi"])
+
+
+def test_figures_are_written(sim_clustered, tmp_path):
+    a = sim_clustered.copy()
+    paths = plot_umaps(a, {"sample": "sample", "arm": "arm", "cluster": "leiden_1"}, tmp_path)
+    markers = {t: CELL_TYPES[t][2] for t in ("hepatocyte", "lsec", "macrophage")}
+    paths += plot_marker_dotplot(a, markers, "true_type", tmp_path / "dot", ["png", "svg"])
+    table = pd.DataFrame({"embedding": ["X_pca", "X_scVI"] * 2, "metric": ["ilisi"] * 2 + ["nmi"] * 2,
+                          "group": ["batch_mixing"] * 2 + ["conservation"] * 2,
+                          "value": [0.1, 0.3, 0.9, 0.95], "n_cells": 10, "label_key": "t",
+                          "batch_key": "s"})
+    paths += save_figure(metrics_figure(table), tmp_path / "metrics", ["png"])
+    names = sorted(p.name for p in paths)
+    assert names == ["dot.png", "dot.svg", "metrics.png", "umap_arm.png", "umap_cluster.png",
+                     "umap_sample.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)
+    with pytest.raises(ClusterInputError, match="no such obs column"):
+        plot_umaps(a, {"x": "nope"}, tmp_path)

@@ -1,0 +1,337 @@
+"""Annotate liver cell types from a marker panel (config/celltypes.yaml), then refine states.
+
+Method (deliberately simple, transparent and deterministic):
+
+1. **Score** every cell for every major type with :func:`scanpy.tl.score_genes` (mean
+   log-normalised expression of the type's markers minus that of expression-matched random
+   control genes, seeded) — species-specific symbols from the panel, markers absent from the
+   data dropped and reported.
+2. **Assign clusters** (Leiden at ``cluster.annotation.resolution``): each cluster takes the type
+   with the highest mean score. Its *confidence* is the fraction of the cluster's cells whose own
+   best type (from scores averaged over the cell's kNN-graph neighbours, ``score_smoothing``,
+   which tempers single-cell dropout) is that same type; the *margin* is the gap between the
+   best and the second-best mean score. A cluster is called ``unassigned`` instead of guessed
+   when its best mean score is at or below ``min_score`` (no marker evidence), its confidence
+   is below ``min_confidence`` (a mixed cluster) or its margin is below ``min_margin``.
+   A mixed cluster with marker evidence is first re-clustered once (Leiden restricted to it,
+   ``subcluster_resolution``) and its sub-clusters are called by the same rules; this separates,
+   e.g., CD4 from CD8 T cells or neutrophils from dendritic cells that share a coarse cluster.
+3. **Refine states per cell** within a parent type (macrophage -> kupffer / momac, cd4_t -> treg /
+   cd4_tconv): states can be small (Tregs are ~5-10% of CD4 T cells) and rarely form their own
+   Leiden cluster, so each cell of the parent gets the state with the highest state score,
+   after averaging the scores over the cell's kNN-graph neighbours of the same parent type
+   (``state_smoothing``). Cells whose best state score is at or below ``min_state_score`` keep
+   the parent name as their state, and so do all cells of a parent when one of its states has
+   too few markers among the genes to be scored (no state is forced by elimination).
+
+Writes ``obs["cell_type"]``, ``obs["cell_state"]`` (categoricals), ``obs["cell_type_confidence"]``
+(float, the cluster's confidence; 0 for unassigned clusters), ``obs["annotation_cluster"]`` (the
+clusters as annotated, ``<cluster>,<sub>`` where re-clustered), per-type scores in
+``obsm["celltype_scores"]`` (columns: ``uns["celltype_score_names"]``) and the settings and
+missing markers in ``uns["annotation"]``; returns the per-cluster table.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scanpy as sc
+import scipy.sparse as sp
+
+from livermsc.config import ConfigError, load_yaml, validate
+
+log = logging.getLogger("livermsc.annotate")
+
+UNASSIGNED = "unassigned"
+
+
+class AnnotationInputError(ValueError):
+    """An input of the annotation is unusable; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class CellType:
+    """A major cell type of the panel, with its markers for one species and its states."""
+
+    name: str
+    markers: list[str]
+    source: str
+    states: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Panel:
+    """The marker panel for one species."""
+
+    species: str
+    types: dict[str, CellType]
+    path: str = ""
+
+    @property
+    def parents(self) -> dict[str, str]:
+        """state -> parent type."""
+        return {s: t.name for t in self.types.values() for s in t.states}
+
+
+def load_panel(path: str | Path, species: str = "mouse") -> Panel:
+    """Read and validate ``config/celltypes.yaml``; return its markers for ``species``."""
+    doc = validate(load_yaml(path), "celltypes", path)
+    if species not in ("mouse", "human"):
+        raise ConfigError(f"{path}: species {species!r} is not mouse or human")
+    types = {}
+    names: set[str] = set()
+    for name, spec in doc["cell_types"].items():
+        states = {s: list(v[species]) for s, v in spec.get("states", {}).items()}
+        for n in [name, *states]:
+            if n in names or n == UNASSIGNED:
+                raise ConfigError(f"{path}: field 'cell_types.{name}': name '{n}' is used twice "
+                                  f"or reserved (expected: unique type and state names)")
+            names.add(n)
+        types[name] = CellType(name=name, markers=list(spec[species]), source=spec["source"],
+                               states=states)
+    return Panel(species=species, types=types, path=str(path))
+
+
+# --- scoring --------------------------------------------------------------------------------------
+
+
+def _present(adata: ad.AnnData, genes: list[str]) -> list[str]:
+    index = set(adata.var_names)
+    return [g for g in dict.fromkeys(genes) if g in index]
+
+
+def score_sets(adata: ad.AnnData, sets: Mapping[str, list[str]], seed: int,
+               ctrl_size: int = 50, min_genes: int = 2) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Score each gene set per cell with ``sc.tl.score_genes`` on the log-normalised ``X``.
+
+    Returns (cells x sets scores, report). Sets with fewer than ``min_genes`` genes among the
+    data are not scored (column of NaN) and are listed in the report with their missing genes.
+    """
+    scores = {}
+    report: dict[str, Any] = {}
+    tmp = ad.AnnData(X=adata.X, obs=pd.DataFrame(index=adata.obs_names),
+                     var=pd.DataFrame(index=adata.var_names))
+    for name, genes in sets.items():
+        present = _present(adata, genes)
+        missing = [g for g in genes if g not in set(present)]
+        report[name] = {"n_markers": len(genes), "n_present": len(present),
+                        "missing": missing}
+        if len(present) < min_genes:
+            log.warning("%s: only %d of %d markers among the genes; not scored", name,
+                        len(present), len(genes))
+            scores[name] = np.full(adata.n_obs, np.nan)
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sc.tl.score_genes(tmp, present, ctrl_size=ctrl_size, score_name="_s",
+                              random_state=seed, use_raw=False)
+        scores[name] = tmp.obs["_s"].to_numpy(dtype=float)
+    return pd.DataFrame(scores, index=adata.obs_names), report
+
+
+# --- cluster-level assignment ----------------------------------------------------------------------
+
+
+def assign_clusters(scores: pd.DataFrame, clusters: pd.Series, min_score: float = 0.0,
+                    min_confidence: float = 0.5, min_margin: float = 0.0,
+                    cell_scores: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Call each cluster's type from the cells' type scores (see the module docstring).
+
+    ``cell_scores`` (default ``scores``; e.g. kNN-smoothed scores) give each cell's own best
+    type for the confidence. Returns one row per cluster: cluster, n_cells, cell_type (or
+    ``unassigned``), best_type, best_score, second_type, second_score, margin, confidence, reason.
+    """
+    valid = scores.dropna(axis=1, how="all")
+    if valid.shape[1] == 0:
+        raise AnnotationInputError("no cell type could be scored (no panel markers among the genes)")
+    per_cell = valid if cell_scores is None else cell_scores[valid.columns]
+    cell_best = per_cell.idxmax(axis=1)
+    clusters = clusters.astype(str)
+    rows = []
+    for cl, idx in clusters.groupby(clusters, observed=True, sort=False).groups.items():
+        means = valid.loc[idx].mean(axis=0).sort_values(ascending=False)
+        best, second = means.index[0], (means.index[1] if len(means) > 1 else None)
+        best_score = float(means.iloc[0])
+        second_score = float(means.iloc[1]) if second is not None else float("nan")
+        margin = best_score - second_score if second is not None else float("inf")
+        confidence = float((cell_best.loc[idx] == best).mean())
+        reasons = []
+        if best_score <= min_score:
+            reasons.append(f"best score {best_score:.3f} <= min_score {min_score}")
+        if confidence < min_confidence:
+            reasons.append(f"confidence {confidence:.2f} < min_confidence {min_confidence}")
+        if margin < min_margin:
+            reasons.append(f"margin {margin:.3f} < min_margin {min_margin}")
+        rows.append({"cluster": cl, "n_cells": len(idx),
+                     "cell_type": UNASSIGNED if reasons else best, "best_type": best,
+                     "best_score": best_score, "second_type": second,
+                     "second_score": second_score, "margin": margin,
+                     "confidence": confidence, "reason": "; ".join(reasons)})
+    table = pd.DataFrame(rows)
+    order = pd.to_numeric(table["cluster"], errors="coerce")
+    return table.assign(_o=order).sort_values(["_o", "cluster"]).drop(columns="_o").reset_index(drop=True)
+
+
+# --- per-cell state refinement ------------------------------------------------------------------------
+
+
+def smooth(values: np.ndarray, graph: sp.spmatrix | None,
+           members: np.ndarray | None = None) -> np.ndarray:
+    """Average ``values`` (cells x k) over each cell and its kNN-graph neighbours.
+
+    With ``members`` (indices into the graph), only neighbours among the members count and
+    ``values`` has one row per member. The graph's edge weights (connectivities) weight the mean.
+    """
+    if graph is None:
+        return values
+    g = sp.csr_matrix(graph)
+    if members is not None:
+        g = g[members][:, members]
+    g = g + sp.identity(g.shape[0], format="csr")
+    deg = np.asarray(g.sum(axis=1)).ravel()
+    return np.asarray(sp.diags(1.0 / deg) @ g @ values)
+
+
+def refine_states(cell_type: pd.Series, state_scores: pd.DataFrame, panel: Panel,
+                  graph: sp.spmatrix | None = None, min_state_score: float = 0.0
+                  ) -> pd.Series:
+    """Per-cell state within each parent type; other cells' state is their type.
+
+    ``state_scores`` has one column per state (cells x states); ``graph`` (cells x cells, e.g.
+    ``obsp["connectivities"]``) smooths the scores among cells of the same parent when given.
+    """
+    state = cell_type.astype(str).copy()
+    for parent in panel.types.values():
+        names = [s for s in parent.states if s in state_scores and state_scores[s].notna().any()]
+        members = np.flatnonzero((cell_type.astype(str) == parent.name).to_numpy())
+        if not names or members.size == 0:
+            continue
+        vals = state_scores[names].to_numpy(dtype=float)[members]
+        vals = smooth(vals, graph, members)
+        best = np.asarray(names)[np.argmax(vals, axis=1)]
+        best = np.where(vals.max(axis=1) > min_state_score, best, parent.name)
+        state.iloc[members] = best
+    return state
+
+
+# --- the whole annotation ------------------------------------------------------------------------------
+
+
+def _subcluster(adata: ad.AnnData, cluster_key: str, clusters: list[str],
+                cfg: Mapping[str, Any], seed: int) -> pd.Series:
+    """Leiden within each of ``clusters`` (same flavor; ``annotation.subcluster_resolution``).
+
+    Returns the refined labels (``<cluster>,<sub>`` inside the re-clustered clusters).
+    """
+    labels = adata.obs[cluster_key].astype(str).astype("category")
+    tmp = "_annotation_subcluster"
+    adata.obs[tmp] = labels
+    for cl in clusters:
+        kwargs: dict[str, Any] = {"resolution": float(cfg["annotation"]["subcluster_resolution"]),
+                                  "restrict_to": (tmp, [cl]), "key_added": tmp,
+                                  "random_state": seed, "flavor": cfg["leiden_flavor"],
+                                  "n_iterations": int(cfg["leiden_n_iterations"])}
+        if cfg["leiden_flavor"] == "igraph":
+            kwargs["directed"] = False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sc.tl.leiden(adata, **kwargs)
+    out = adata.obs.pop(tmp).astype(str)
+    adata.uns.pop("_annotation_subcluster", None)
+    return out
+
+
+def annotate(adata: ad.AnnData, panel: Panel, cfg: Mapping[str, Any], seed: int) -> pd.DataFrame:
+    """Score, assign clusters (re-clustering mixed ones once), refine states, in place.
+
+    ``cfg`` is the validated ``cluster`` config section (its ``annotation`` sub-section holds
+    the thresholds; its Leiden settings are reused for re-clustering). Returns the per-cluster
+    table.
+    """
+    from livermsc.cluster import resolution_key
+
+    acfg = cfg["annotation"]
+    cluster_key = resolution_key(acfg["resolution"])
+    if cluster_key not in adata.obs:
+        raise AnnotationInputError(
+            f"obs has no '{cluster_key}': cluster.annotation.resolution "
+            f"({acfg['resolution']}) must be one of cluster.resolutions and the data clustered")
+    graph = adata.obsp.get("connectivities")
+    if (acfg["score_smoothing"] or acfg["state_smoothing"]) and graph is None:
+        raise AnnotationInputError("obsp has no 'connectivities' (run the cluster step first) "
+                                   "but score_smoothing / state_smoothing is on")
+    type_sets = {name: t.markers for name, t in panel.types.items()}
+    state_sets = {s: genes for t in panel.types.values() for s, genes in t.states.items()}
+    type_scores, type_report = score_sets(adata, type_sets, seed, acfg["ctrl_size"],
+                                          acfg["min_markers"])
+    state_scores, state_report = score_sets(adata, state_sets, seed, acfg["ctrl_size"],
+                                            acfg["min_markers"])
+    valid = type_scores.dropna(axis=1, how="all")
+    cell_scores = (pd.DataFrame(smooth(valid.to_numpy(), graph), index=valid.index,
+                                columns=valid.columns) if acfg["score_smoothing"] else valid)
+    thresholds = (acfg["min_score"], acfg["min_confidence"], acfg["min_margin"])
+    clusters = adata.obs[cluster_key].astype(str)
+    table = assign_clusters(valid, clusters, *thresholds, cell_scores=cell_scores)
+    mixed = table.loc[(table["cell_type"] == UNASSIGNED)
+                      & (table["best_score"] > acfg["min_score"]), "cluster"].tolist()
+    if mixed and acfg["subcluster_resolution"] is not None:
+        log.info("re-clustering %d mixed cluster(s): %s", len(mixed), mixed)
+        clusters = _subcluster(adata, cluster_key, mixed, cfg, seed)
+        table = assign_clusters(valid, clusters, *thresholds, cell_scores=cell_scores)
+    by_cluster = table.set_index("cluster")
+    cell_type = clusters.map(by_cluster["cell_type"])
+    confidence = clusters.map(by_cluster["confidence"]).astype(float)
+    confidence[cell_type == UNASSIGNED] = 0.0
+    scorable = {s for s in state_scores if state_scores[s].notna().any()}
+    for t in panel.types.values():
+        if t.states and not set(t.states) <= scorable:
+            log.warning("%s: states %s not all scorable here; its cells keep state %r",
+                        t.name, sorted(t.states), t.name)
+    state_panel = Panel(panel.species, {k: t for k, t in panel.types.items()
+                                        if set(t.states) <= scorable}, panel.path)
+    cell_state = refine_states(cell_type, state_scores, state_panel,
+                               graph if acfg["state_smoothing"] else None,
+                               acfg["min_state_score"])
+    type_levels = [*panel.types, UNASSIGNED]
+    state_levels = list(dict.fromkeys(
+        [x for t in panel.types.values() for x in [t.name, *t.states]] + [UNASSIGNED]))
+    adata.obs["annotation_cluster"] = pd.Categorical(clusters.to_numpy(),
+                                                     categories=table["cluster"].tolist())
+    adata.obs["cell_type"] = pd.Categorical(cell_type.to_numpy(), categories=type_levels)
+    adata.obs["cell_state"] = pd.Categorical(cell_state.to_numpy(), categories=state_levels)
+    adata.obs["cell_type_confidence"] = confidence.to_numpy(dtype=float)
+    for col in ("cell_type", "cell_state"):
+        adata.obs[col] = adata.obs[col].cat.remove_unused_categories()
+    adata.obsm["celltype_scores"] = type_scores.fillna(0.0).to_numpy(dtype=np.float32)
+    adata.uns["celltype_score_names"] = list(type_scores.columns)
+    states = (pd.crosstab(clusters, cell_state).reindex(table["cluster"]).fillna(0).astype(int))
+    table["states"] = [", ".join(f"{s}:{n}" for s, n in row.items() if n > 0)
+                       for _, row in states.iterrows()]
+    table.insert(0, "resolution", float(acfg["resolution"]))
+    adata.uns["annotation"] = {
+        "cluster_key": cluster_key, "panel": panel.path, "species": panel.species,
+        "reclustered": mixed,
+        "markers_missing": {k: v["missing"] for k, v in {**type_report, **state_report}.items()
+                            if v["missing"]},
+        **{k: v for k, v in acfg.items() if v is not None},
+    }
+    log.info("annotated %d clusters; %d unassigned (%d cells)", len(table),
+             int((table["cell_type"] == UNASSIGNED).sum()), int((cell_type == UNASSIGNED).sum()))
+    return table
+
+
+def snakemake_entry(smk: Any) -> None:
+    """Rule ``annotate``: cell types and states into annotated.h5ad, plus the cluster table."""
+    panel = load_panel(smk.input.celltypes, species=smk.params.species)
+    adata = ad.read_h5ad(smk.input.h5ad)
+    table = annotate(adata, panel, smk.params.cfg, int(smk.params.seed))
+    table.to_csv(smk.output.table, sep="\t", index=False)
+    adata.write_h5ad(smk.output.h5ad, compression="gzip")

@@ -1,0 +1,356 @@
+"""Cluster the integrated cells, rank markers, score the integration and draw the figures.
+
+* :func:`cluster`: kNN graph on ``obsm["X_scVI"]`` (exact kNN through scikit-learn, which avoids
+  compiling pynndescent), Leiden at every configured resolution (``obs["leiden_<res>"]``) and
+  UMAP (``obsm["X_umap"]``).
+* :func:`rank_markers`: one Wilcoxon marker table per resolution, on the log-normalised data.
+* :func:`integration_metrics`: scib-metrics batch-mixing and bio-conservation metrics of the
+  unintegrated PCA baseline against scVI, with the annotated cell types as labels.
+* :func:`plot_umaps`, :func:`plot_marker_dotplot`, :func:`plot_metrics`: the stage's figures.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scanpy as sc
+
+from livermsc.plotting import OKABE_ITO, arm_colour, save_figure
+
+log = logging.getLogger("livermsc.cluster")
+
+
+class ClusterInputError(ValueError):
+    """An input of the cluster stage is unusable; the message says which and why."""
+
+
+def resolution_key(resolution: float) -> str:
+    """obs column of the Leiden clustering at ``resolution`` (``leiden_0.5``, ``leiden_1``)."""
+    return f"leiden_{float(resolution):g}"
+
+
+def check_input(adata: ad.AnnData, source: str, use_rep: str, needs: Iterable[str] = ()) -> None:
+    """Fail early when the embedding or an obs column the stage needs is absent."""
+    if use_rep not in adata.obsm:
+        raise ClusterInputError(
+            f"{source}: obsm has no '{use_rep}' (cluster.use_rep); available: {sorted(adata.obsm)}")
+    missing = [k for k in needs if k not in adata.obs]
+    if missing:
+        raise ClusterInputError(f"{source}: obs lacks column(s) {missing}; available: "
+                                f"{sorted(adata.obs.columns)}")
+    if adata.n_obs < 10:
+        raise ClusterInputError(f"{source}: only {adata.n_obs} cells; at least 10 are needed")
+
+
+# --- graph, Leiden, UMAP ----------------------------------------------------------------------------
+
+
+def cluster(adata: ad.AnnData, cfg: Mapping[str, Any], seed: int) -> ad.AnnData:
+    """kNN graph, Leiden at each resolution of ``cfg["resolutions"]`` and UMAP, in place.
+
+    ``cfg`` is the validated ``cluster`` config section.
+    """
+    check_input(adata, "cluster input", cfg["use_rep"])
+    n_neighbors = min(int(cfg["n_neighbors"]), adata.n_obs - 1)
+    sc.pp.neighbors(adata, n_neighbors=n_neighbors, use_rep=cfg["use_rep"],
+                    transformer="sklearn", random_state=seed)
+    flavor = cfg["leiden_flavor"]
+    for res in cfg["resolutions"]:
+        kwargs: dict[str, Any] = {"resolution": float(res), "random_state": seed,
+                                  "key_added": resolution_key(res), "flavor": flavor,
+                                  "n_iterations": int(cfg["leiden_n_iterations"])}
+        if flavor == "igraph":
+            kwargs["directed"] = False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            sc.tl.leiden(adata, **kwargs)
+        log.info("Leiden resolution %s: %d clusters", res,
+                 adata.obs[resolution_key(res)].nunique())
+    sc.tl.umap(adata, min_dist=float(cfg["umap_min_dist"]), random_state=seed)
+    adata.uns["cluster"] = {"use_rep": cfg["use_rep"], "n_neighbors": n_neighbors,
+                            "resolutions": [float(r) for r in cfg["resolutions"]],
+                            "leiden_flavor": flavor, "seed": int(seed)}
+    return adata
+
+
+def rank_markers(adata: ad.AnnData, groupby: str, n_genes: int = 50) -> pd.DataFrame:
+    """Wilcoxon marker ranking (one cluster against the rest) on the log-normalised ``X``.
+
+    Returns the top ``n_genes`` per cluster: cluster, rank, gene, score, logfoldchange,
+    pval, pval_adj, pct_in (fraction of the cluster's cells expressing) and pct_out.
+    """
+    cols = ["cluster", "rank", "gene", "score", "logfoldchange", "pval", "pval_adj", "pct_in",
+            "pct_out"]
+    groups = adata.obs[groupby]
+    ok = groups.value_counts()
+    keep = ok[ok >= 2].index  # wilcoxon needs at least two cells per group
+    if len(keep) < 2:
+        log.warning("%s: fewer than two clusters with >= 2 cells; no marker table", groupby)
+        return pd.DataFrame(columns=cols)
+    sub = adata if len(keep) == len(ok) else adata[groups.isin(keep).to_numpy()].copy()
+    key = f"rank_genes_{groupby}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # scanpy's default tie_correct=False: exact tie correction is ~6x slower on sparse
+        # data, and these tables describe clusters (cells are not replicates for inference)
+        sc.tl.rank_genes_groups(sub, groupby, method="wilcoxon", use_raw=False, pts=True,
+                                key_added=key)
+        df = sc.get.rank_genes_groups_df(sub, None, key=key)
+    df = df.rename(columns={"group": "cluster", "names": "gene", "scores": "score",
+                            "logfoldchanges": "logfoldchange", "pvals": "pval",
+                            "pvals_adj": "pval_adj", "pct_nz_group": "pct_in",
+                            "pct_nz_reference": "pct_out"})
+    df["rank"] = df.groupby("cluster", observed=True).cumcount() + 1
+    df = df[df["rank"] <= n_genes]
+    if sub is not adata:
+        adata.uns[key] = sub.uns[key]
+    return df[[c for c in cols if c in df.columns]].reset_index(drop=True)
+
+
+# --- integration metrics (scib-metrics) --------------------------------------------------------------
+
+#: metric id -> (group, description); computed with the scib-metrics function of that name
+METRICS: dict[str, tuple[str, str]] = {
+    "ilisi": ("batch_mixing", "integration LISI on a 90-NN graph (scaled 0-1; higher = better mixed)"),
+    "kbet": ("batch_mixing", "kBET acceptance rate on a 50-NN graph, all cells"),
+    "kbet_per_label": ("batch_mixing", "kBET within each label (scIB definition; slow)"),
+    "graph_connectivity": ("batch_mixing", "connectivity of each label's 15-NN subgraph"),
+    "silhouette_batch": ("batch_mixing", "1 - |batch silhouette| within labels"),
+    "pcr_comparison": ("batch_mixing", "reduction of variance explained by batch vs the PCA baseline"),
+    "silhouette_label": ("conservation", "label silhouette (rescaled 0-1)"),
+    "clisi": ("conservation", "cell-type LISI on a 90-NN graph (scaled 0-1; higher = purer)"),
+    "nmi": ("conservation", "NMI of k-means clusters vs labels"),
+    "ari": ("conservation", "ARI of k-means clusters vs labels"),
+    "isolated_labels": ("conservation", "silhouette of labels present in the fewest batches"),
+}
+
+
+def _knn(X: np.ndarray, k: int) -> Any:
+    from scib_metrics.nearest_neighbors import NeighborsResults
+    from sklearn.neighbors import NearestNeighbors
+
+    k = min(k, X.shape[0] - 1)
+    dist, idx = NearestNeighbors(n_neighbors=k).fit(X).kneighbors(X)
+    return NeighborsResults(indices=idx, distances=dist)
+
+
+def integration_metrics(adata: ad.AnnData, label_key: str, batch_key: str,
+                        embeddings: Sequence[str] = ("X_pca", "X_scVI"),
+                        metrics: Sequence[str] = ("ilisi", "kbet", "graph_connectivity",
+                                                  "silhouette_batch", "silhouette_label", "clisi",
+                                                  "nmi", "ari", "isolated_labels"),
+                        baseline: str = "X_pca", max_cells: int | None = None,
+                        seed: int = 0, exclude_labels: Sequence[str] = ("unassigned",)
+                        ) -> pd.DataFrame:
+    """Score each embedding with scib-metrics; return a long table.
+
+    Columns: embedding, metric, group (batch_mixing / conservation), value, description.
+    Cells whose label is in ``exclude_labels`` are left out; with ``max_cells`` a seeded random
+    subset of that many cells is scored (the metrics grow quadratically with cells).
+    Exact neighbours come from scikit-learn, shared by the graph-based metrics.
+    """
+    import scib_metrics as sm
+
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"cluster.metrics.metrics: unknown metric(s) {unknown}; known: {list(METRICS)}")
+    missing = [e for e in [*embeddings, baseline] if e not in adata.obsm]
+    if missing:
+        raise ClusterInputError(f"obsm lacks embedding(s) {missing}; available: {sorted(adata.obsm)}")
+    for key in (label_key, batch_key):
+        if key not in adata.obs:
+            raise ClusterInputError(f"obs lacks column '{key}' needed for the integration metrics")
+    keep = ~adata.obs[label_key].astype(str).isin(list(exclude_labels)).to_numpy()
+    idx = np.flatnonzero(keep)
+    if max_cells is not None and idx.size > max_cells:
+        idx = np.sort(np.random.default_rng(seed).choice(idx, size=max_cells, replace=False))
+    labels = adata.obs[label_key].astype(str).to_numpy()[idx]
+    batch = adata.obs[batch_key].astype(str).to_numpy()[idx]
+    if np.unique(labels).size < 2 or np.unique(batch).size < 2:
+        raise ClusterInputError(
+            f"integration metrics need >= 2 labels ('{label_key}') and >= 2 batches ('{batch_key}')")
+    rows = []
+    for emb in embeddings:
+        X = np.asarray(adata.obsm[emb], dtype=np.float32)[idx]
+        nn = _knn(X, 90)
+        values: dict[str, float] = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for m in metrics:
+                if m == "ilisi":
+                    values[m] = sm.ilisi_knn(nn, batch)
+                elif m == "clisi":
+                    values[m] = sm.clisi_knn(nn, labels)
+                elif m == "kbet":
+                    values[m] = sm.kbet(nn.subset_neighbors(min(50, nn.n_neighbors)), batch)[0]
+                elif m == "kbet_per_label":
+                    values[m] = sm.kbet_per_label(nn.subset_neighbors(min(50, nn.n_neighbors)),
+                                                  batch, labels)
+                elif m == "graph_connectivity":
+                    values[m] = sm.graph_connectivity(
+                        nn.subset_neighbors(min(15, nn.n_neighbors)), labels)
+                elif m == "silhouette_batch":
+                    values[m] = sm.silhouette_batch(X, labels, batch)
+                elif m == "pcr_comparison":
+                    values[m] = sm.pcr_comparison(
+                        np.asarray(adata.obsm[baseline])[idx], X, batch, categorical=True)
+                elif m == "silhouette_label":
+                    values[m] = sm.silhouette_label(X, labels)
+                elif m in ("nmi", "ari"):
+                    if "nmi" not in values:
+                        res = sm.nmi_ari_cluster_labels_kmeans(X, labels)
+                        values["nmi"], values["ari"] = res["nmi"], res["ari"]
+                elif m == "isolated_labels":
+                    values[m] = sm.isolated_labels(X, labels, batch)
+        for m in metrics:
+            rows.append({"embedding": emb, "metric": m, "group": METRICS[m][0],
+                         "value": float(values[m]), "description": METRICS[m][1]})
+    out = pd.DataFrame(rows)
+    out["n_cells"] = idx.size
+    out["label_key"] = label_key
+    out["batch_key"] = batch_key
+    return out
+
+
+# --- figures ---------------------------------------------------------------------------------------------
+
+
+def _palette(categories: Sequence[str], key: str) -> list[str]:
+    if key == "arm":
+        return [arm_colour(c, categories) for c in categories]
+    if len(categories) <= len(OKABE_ITO) - 1:
+        return [c for c in OKABE_ITO if c != "#000000"][: len(categories)]
+    return sc.pl.palettes.default_102[: len(categories)]
+
+
+def plot_umaps(adata: ad.AnnData, keys: Mapping[str, str], outdir: str | Path,
+               formats: Sequence[str] = ("png",)) -> list[Path]:
+    """One UMAP per ``{name: obs column}``, saved as ``<outdir>/umap_<name>.<fmt>``."""
+    import matplotlib.pyplot as plt
+
+    paths: list[Path] = []
+    for name, key in keys.items():
+        if key not in adata.obs:
+            raise ClusterInputError(f"cannot colour the UMAP by '{key}': no such obs column")
+        col = adata.obs[key]
+        if not isinstance(col.dtype, pd.CategoricalDtype):
+            adata.obs[key] = col.astype(str).astype("category")
+        cats = list(adata.obs[key].cat.categories)
+        fig, ax = plt.subplots(figsize=(6.5, 5))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sc.pl.umap(adata, color=key, ax=ax, show=False, palette=_palette(cats, key),
+                       legend_loc="on data" if name == "cluster" else "right margin",
+                       legend_fontsize=7, frameon=False, title=f"{key} ({adata.n_obs} cells)")
+        paths += save_figure(fig, Path(outdir) / f"umap_{name}", formats)
+    return paths
+
+
+def plot_marker_dotplot(adata: ad.AnnData, markers: Mapping[str, Sequence[str]], groupby: str,
+                        stem: str | Path, formats: Sequence[str] = ("png",),
+                        per_group: int = 4, keep: Iterable[str] = ()) -> list[Path]:
+    """Dot plot of the panel markers (those present) of each group found in ``groupby``.
+
+    ``markers`` maps a type or state name to its markers; names that occur in
+    ``adata.obs[groupby]`` (or are listed in ``keep``) are drawn, in the order of ``markers``,
+    ``per_group`` genes each.
+    """
+    groups = adata.obs[groupby].astype(str)
+    found = set(groups)
+    wanted = found | set(keep)
+    present = {k: [g for g in v if g in adata.var_names][:per_group]
+               for k, v in markers.items() if k in wanted}
+    present = {k: v for k, v in present.items() if v}
+    if not present:
+        raise ClusterInputError(f"no panel markers among the genes for the groups of '{groupby}'")
+    order = [k for k in present if k in found] + sorted(found - set(present))
+    sub = ad.AnnData(X=adata.X, obs=pd.DataFrame(
+        {groupby: pd.Categorical(groups.to_numpy(), categories=order)}, index=adata.obs_names),
+        var=pd.DataFrame(index=adata.var_names))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dp = sc.pl.dotplot(sub, present, groupby=groupby, show=False, return_fig=True,
+                           standard_scale="var", use_raw=False,
+                           title=f"panel markers by {groupby}")
+        dp.make_figure()
+    return save_figure(dp.fig, stem, formats)
+
+
+def metrics_figure(table: pd.DataFrame) -> Any:
+    """The integration-metrics dot plot (one colour per embedding), titled with the keys."""
+    from livermsc.plotting import integration_metric_plot
+
+    data = table.assign(metric=table["group"].str.replace("_", " ") + ": " + table["metric"])
+    fig = integration_metric_plot(data, metric_col="metric", value_col="value",
+                                  group_col="embedding")
+    fig.axes[0].set_title(f"batch: {table['batch_key'].iat[0]}, labels: "
+                          f"{table['label_key'].iat[0]} ({table['n_cells'].iat[0]} cells)",
+                          fontsize=8)
+    fig.axes[0].set_xlabel("score (higher is better)")
+    return fig
+
+
+def check_config(cfg: Mapping[str, Any]) -> None:
+    """Cross-field checks of the ``cluster`` section that the JSON schema cannot express."""
+    res = float(cfg["annotation"]["resolution"])
+    if res not in [float(r) for r in cfg["resolutions"]]:
+        raise ClusterInputError(
+            f"config: field 'cluster.annotation.resolution': {res:g} is not one of "
+            f"cluster.resolutions {list(cfg['resolutions'])} (expected: one of them)")
+
+
+# --- Snakemake entry points --------------------------------------------------------------------------------
+
+
+def snakemake_cluster(smk: Any) -> None:
+    """Rule ``cluster``: graph, Leiden, UMAP and one marker table per resolution."""
+    cfg = smk.params.cfg
+    adata = ad.read_h5ad(smk.input.h5ad)
+    check_input(adata, smk.input.h5ad, cfg["use_rep"])
+    cluster(adata, cfg, seed=int(smk.params.seed))
+    for res, path in zip(cfg["resolutions"], smk.output.markers, strict=True):
+        rank_markers(adata, resolution_key(res), cfg["n_marker_genes"]).to_csv(
+            path, sep="\t", index=False)
+    adata.write_h5ad(smk.output.h5ad, compression="gzip")
+
+
+def snakemake_metrics(smk: Any) -> None:
+    """Rule ``integration_metrics``: scib-metrics table and figure, PCA baseline vs scVI."""
+    cfg = smk.params.cfg
+    adata = ad.read_h5ad(smk.input.h5ad)
+    table = integration_metrics(adata, label_key="cell_type", batch_key=smk.params.batch_key,
+                                embeddings=cfg["embeddings"], metrics=cfg["metrics"],
+                                max_cells=cfg["max_cells"], seed=int(smk.params.seed))
+    table.to_csv(smk.output.table, sep="\t", index=False)
+    save_figure(metrics_figure(table), Path(smk.output.figures[0]), smk.params.formats)
+
+
+def snakemake_figures(smk: Any) -> None:
+    """Rule ``cluster_figures``: UMAPs by sample, arm, cluster and cell type; marker dot plot."""
+    from livermsc.annotate import load_panel
+
+    adata = ad.read_h5ad(smk.input.h5ad)
+    formats = list(smk.params.formats)
+    keys = {"sample": "sample", "arm": "arm",
+            "cluster": resolution_key(smk.params.resolution), "cell_type": "cell_type",
+            "cell_state": "cell_state"}
+    outdir = Path(smk.output.figures[0]).parent
+    plot_umaps(adata, keys, outdir, formats)
+    panel = load_panel(smk.input.celltypes, species=smk.params.species)
+    markers: dict[str, list[str]] = {}
+    found = set(adata.obs["cell_state"].astype(str))
+    keep = []
+    for name, t in panel.types.items():
+        markers[name] = t.markers
+        markers.update(t.states)
+        if found & set(t.states):
+            keep.append(name)  # the parent's markers next to its states
+    plot_marker_dotplot(adata, markers, "cell_state", outdir / "markers_dotplot", formats,
+                        keep=keep)
