@@ -8,7 +8,8 @@ from livermsc.config import ConfigError, load_config
 
 try:
     _validated, STUDIES = load_config(
-        config, source="config (config/config.yaml with --config/--configfile overrides)"
+        config,
+        source="config (config/config.yaml with --config/--configfile overrides)",
     )
 except ConfigError as err:
     sys.exit(f"livermsc: invalid input, nothing was run.\n{err}")
@@ -46,3 +47,189 @@ def sample_input(wildcards):
     if study.spec["source"] == "simulate":
         return study.data_dir
     return f"{study.data_dir}/{study.samples.loc[wildcards.sample, 'path']}"
+
+
+# resources
+# Requests that scale with a job's input size on disk and grow with each retry (`attempt`),
+# for any rule, e.g.
+#     resources:
+#         mem_mb=mem_mb_from_input(factor=10, minimum=4000),
+#         runtime=runtime_from_input(minutes_per_gb=30, minimum=15),
+# While an input does not exist yet (dry run), Snakemake shows the value as <TBD> and
+# evaluates it once the input exists, before the job is started or submitted.
+import errno
+
+
+def input_size_mb(input):
+    """Total size of a job's input in MB (10^6 bytes); a folder counts every file inside."""
+    total = 0
+    for f in input:
+        path = Path(f)
+        if not path.exists():
+            raise FileNotFoundError(errno.ENOENT, "input not created yet", str(f))
+        if path.is_dir():
+            total += sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        else:
+            total += path.stat().st_size
+    return total / 1e6
+
+
+def _scaled(per_mb, minimum, maximum, input, attempt):
+    value = max(minimum, per_mb * input_size_mb(input)) * attempt
+    return int(round(min(value, maximum) if maximum else value))
+
+
+def mem_mb_from_input(factor, minimum=1000, maximum=None):
+    """`mem_mb` callable: `factor` MB per MB of input, at least `minimum`, x attempt."""
+
+    def mem_mb(wildcards, input, attempt):
+        return _scaled(factor, minimum, maximum, input, attempt)
+
+    return mem_mb
+
+
+def runtime_from_input(minutes_per_gb, minimum=10, maximum=None):
+    """`runtime` callable (minutes): per GB of input, at least `minimum`, x attempt."""
+
+    def runtime(wildcards, input, attempt):
+        return _scaled(minutes_per_gb / 1000, minimum, maximum, input, attempt)
+
+    return runtime
+
+
+def gpus_for(accelerator):
+    """Number of GPUs to request for an accelerator setting: 1 for "gpu", else 0."""
+    return 1 if accelerator == "gpu" else 0
+
+
+# report
+# Snakemake report categories, one per stage, numbered so that the report lists them in the
+# order of the workflow; use with subcategory="{study}" (or "all studies").
+REPORT_CATEGORY = {
+    "qc": "1. Quality control",
+    "integrate": "2. Integration",
+    "cluster": "3. Clusters and cell types",
+    "score": "4. Scores",
+    "claims": "5. Claims",
+    "summary": "6. Summary",
+}
+# The format shown in the report (and embedded in summary.html): PNG, else SVG, else PDF.
+REPORT_FORMAT = next(
+    f
+    for f in ("png", "svg", "pdf", *config["report"]["formats"])
+    if f in config["report"]["formats"]
+)
+
+
+def report_figure(stem, caption, category, subcategory=None, labels=None):
+    """Files of one figure in every configured format; the REPORT_FORMAT one is in the report."""
+    files = []
+    for fmt in config["report"]["formats"]:
+        path = f"{stem}.{fmt}"
+        if fmt == REPORT_FORMAT:
+            path = report(
+                path,
+                caption=caption,
+                category=category,
+                subcategory=subcategory,
+                labels=labels,
+            )
+        files.append(path)
+    return files
+
+
+def sample_stages(wildcards):
+    """Stage of each sample of a study ({} when its sample sheet has no `stage` column)."""
+    samples = STUDIES[wildcards.study].samples
+    if "stage" not in samples.columns:
+        return {}
+    return {s: str(v) for s, v in samples["stage"].dropna().items()}
+
+
+# fetch ------------------------------------------------------------------------------------------
+# Studies with source geo/url: their files and sample -> file mapping are checked here, before any
+# job runs (livermsc.fetch.plan_study); fetch.smk turns each plan into rules.
+from livermsc.fetch import FetchSettings, plan_study
+
+try:
+    FETCH_PLANS = {
+        sid: plan_study(study, FetchSettings.from_config(config["fetch"]))
+        for sid, study in STUDIES.items()
+        if study.spec["source"] in ("geo", "url")
+    }
+except ConfigError as err:
+    sys.exit(f"livermsc: invalid input, nothing was run.\n{err}")
+
+
+def download_output(path):
+    """Output of a download: kept, or temporary when fetch.keep_downloads is false."""
+    return path if config["fetch"]["keep_downloads"] else temp(path)
+
+
+def unpack_outputs(plan):
+    """Every sample input an unpack rule writes (10x folders flagged as directories)."""
+    return [
+        directory(path) if is_dir else path for path, is_dir in plan.sample_outputs()
+    ]
+
+
+def fetch_manifests(wildcards):
+    """Unpack manifests of every fetched study (what `snakemake fetch_all` asks for)."""
+    return [f"{plan.data_dir}/fetch_manifest.tsv" for plan in FETCH_PLANS.values()]
+
+
+# ingest / qc ------------------------------------------------------------------------------------
+# Per-sample lookups of the ingest and qc rules (sample-sheet row, species, QC overrides).
+import pandas as pd
+
+QC_OVERRIDE_COLUMNS = ("qc_n_mads", "qc_n_mads_mt", "qc_max_pct_mt")
+
+
+def sample_row(wildcards):
+    """The sample's sample-sheet row as a dict of strings (empty cells left out)."""
+    row = STUDIES[wildcards.study].samples.loc[wildcards.sample]
+    return {k: str(v) for k, v in row.items() if not pd.isna(v)}
+
+
+def study_species(wildcards):
+    """Species of a study (mouse or human)."""
+    return STUDIES[wildcards.study].species
+
+
+def is_simulated(wildcards):
+    """True for a simulated study (its input is the folder holding every sample)."""
+    return STUDIES[wildcards.study].spec["source"] == "simulate"
+
+
+def qc_overrides(wildcards):
+    """The sample's per-sample QC overrides from the sample sheet (qc_* columns present)."""
+    row = sample_row(wildcards)
+    return {k: row[k] for k in QC_OVERRIDE_COLUMNS if k in row}
+
+
+def qc_tables(wildcards):
+    """Per-sample QC tables of a study, in sample-sheet order."""
+    return [
+        f"results/{wildcards.study}/qc/tables/{s}.tsv"
+        for s in samples_of(wildcards.study)
+    ]
+
+
+# integrate --------------------------------------------------------------------------------------
+def qc_samples(wildcards):
+    """The QC'd h5ad of every sample of a study, in sample-sheet order (input of `integrate`)."""
+    return expand(
+        "results/{study}/qc/{sample}.h5ad",
+        study=wildcards.study,
+        sample=samples_of(wildcards.study),
+    )
+
+
+# score / claims ---------------------------------------------------------------------------------
+# The claims catalogue and the signatures file are checked before any job runs.
+from livermsc.claims import check_config as check_claims_config
+
+try:
+    check_claims_config(config)
+except ConfigError as err:
+    sys.exit(f"livermsc: invalid input, nothing was run.\n{err}")

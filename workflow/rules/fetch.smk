@@ -5,21 +5,21 @@
 rule simulate_study:
     output:
         data=directory("resources/{study}/simulated"),
+    log:
+        "logs/simulate/{study}.log",
+    benchmark:
+        "benchmarks/simulate/{study}.tsv"
+    conda:
+        "../../envs/scanpy.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=15,
     params:
         entry="livermsc.simulate:snakemake_entry",
         spec=lambda wc: STUDIES[wc.study].spec,
         seed=config["seed"],
         signatures="config/signatures.yaml",
-    log:
-        "logs/simulate/{study}.log",
-    benchmark:
-        "benchmarks/simulate/{study}.tsv"
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=15,
-    conda:
-        "../../envs/scanpy.yaml"
     script:
         ENTRY
 
@@ -34,20 +34,20 @@ localrules:
 rule fetch_file:
     output:
         download_output("resources/{study}/downloads/{file}"),
-    params:
-        entry="livermsc.fetch:snakemake_fetch",
     log:
         "logs/fetch_file/{study}/{file}.log",
     benchmark:
         "benchmarks/fetch_file/{study}/{file}.tsv"
     wildcard_constraints:
         file=r"[A-Za-z0-9_.+-]+",
+    conda:
+        "../../envs/fetch.yaml"
     threads: 1
     resources:
         mem_mb=500,
         runtime=240,
-    conda:
-        "../../envs/fetch.yaml"
+    params:
+        entry="livermsc.fetch:snakemake_fetch",
     script:
         ENTRY
 
@@ -65,19 +65,19 @@ for _study, _plan in FETCH_PLANS.items():
         output:
             unpack_outputs(_plan),
             manifest=f"{_plan.data_dir}/fetch_manifest.tsv",
-        params:
-            entry="livermsc.fetch:snakemake_unpack",
-            plan=_plan.as_dict(for_unpack=True),
         log:
             f"logs/unpack/{_study}.log",
         benchmark:
             f"benchmarks/unpack/{_study}.tsv"
+        conda:
+            "../../envs/scanpy.yaml"
         threads: 1
         resources:
             mem_mb=8000,
             runtime=120,
-        conda:
-            "../../envs/scanpy.yaml"
+        params:
+            entry="livermsc.fetch:snakemake_unpack",
+            plan=_plan.as_dict(for_unpack=True),
         script:
             ENTRY
 
