@@ -8,7 +8,6 @@ import sys
 import pandas as pd
 import pytest
 import yaml
-
 from livermsc.config import ConfigError, load_config, load_study, validate, validate_sample_sheet
 
 

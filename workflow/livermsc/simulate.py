@@ -298,7 +298,7 @@ def simulate_sample(genome: _Genome, params: dict, arm_level: dict[str, float],
     obs["is_doublet"] = False
     obs["is_low_quality"] = False
     # low-quality cells: damaged, small libraries with a high mitochondrial share
-    n_lq = int(round(params["low_quality_rate"] * X.shape[0]))
+    n_lq = round(params["low_quality_rate"] * X.shape[0])
     lq = rng.choice(X.shape[0], size=n_lq, replace=False)
     damaged = rng.binomial(X[lq].toarray().astype(np.int64), 0.15)
     mt_total = np.maximum((damaged.sum(axis=1) * rng.uniform(0.6, 1.5, size=n_lq)).astype(int), 20)
@@ -310,7 +310,7 @@ def simulate_sample(genome: _Genome, params: dict, arm_level: dict[str, float],
     X = X.tocsr()
     obs.loc[lq, "is_low_quality"] = True
     # doublets: sum two cells (excluding low-quality ones)
-    n_db = int(round(params["doublet_rate"] * X.shape[0]))
+    n_db = round(params["doublet_rate"] * X.shape[0])
     good = np.setdiff1d(np.arange(X.shape[0]), lq)
     pairs = rng.choice(good, size=(n_db, 2), replace=False)
     db_rows = X[pairs[:, 0]] + X[pairs[:, 1]]
@@ -385,7 +385,7 @@ def simulate_study(params: dict, species: str, signatures_path: str | Path, outd
         "effects": [e.as_dict() for e in effects],
         "arm_levels": levels,
         "signature_genes": signatures,
-        "n_cells": int(len(cells)),
+        "n_cells": len(cells),
         "n_doublets": int(cells["is_doublet"].sum()),
         "n_low_quality": int(cells["is_low_quality"].sum()),
     }
