@@ -33,12 +33,18 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     for item in args.config:
         key, _, value = item.partition("=")
         config[key] = yaml.safe_load(value)
-    cfg, studies = load_config(config, source=" + ".join(args.configfile))
+    _, studies = load_config(config, source=" + ".join(args.configfile))
     for sid, study in studies.items():
         arms = study.samples["arm"].value_counts().to_dict()
         print(f"{sid}: {study.species}, {len(study.samples)} samples, arms {arms}")
     print("configuration valid")
     return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from livermsc.calibrate import calibrate_cli
+
+    return calibrate_cli(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +66,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
                    help="overrides, as with snakemake --config")
     p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("calibrate", help="power and false-positive rate of the claim verdicts "
+                       "on simulated studies")
+    p.add_argument("--n-studies", type=int, default=200, help="simulated studies (default 200)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="study i uses seed + i")
+    p.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
+    p.add_argument("--effect-size", type=float, default=1.5,
+                   help="planted programme effect, in between-animal SDs (default 1.5)")
+    p.add_argument("--share-size", type=float, default=3.0,
+                   help="planted cell-state share effect, in SDs of the logit share (default 3)")
+    p.add_argument("--n-cells", type=int, default=3600, help="cells per study (default 3600)")
+    p.add_argument("--animals-per-arm", type=int, default=3)
+    p.add_argument("--background-genes", type=int, default=300)
+    p.add_argument("--configfile", type=Path, default=Path("config/config.yaml"),
+                   help="its score and claims settings are calibrated")
+    p.set_defaults(func=_cmd_calibrate)
     return parser
 
 

@@ -1,1 +1,42 @@
-# score stage (rules added by its issue).
+# Score a study (livermsc.score): per-cell signature scores (scanpy score_genes, decoupler ULM),
+# pseudobulk per sample x population, sample-level signature scores (pseudobulk_z primary,
+# pseudobulk_mean, ssGSEA, per-cell score means) and cell-population shares, in long format.
+
+
+rule score:
+    input:
+        adata="results/{study}/annotated.h5ad",
+        signatures=config["score"]["signatures"],
+        catalogue=config["claims"]["catalogue"],
+    output:
+        scores="results/{study}/scores/sample_scores.tsv",
+        coverage="results/{study}/scores/signature_coverage.tsv",
+        pseudobulk="results/{study}/scores/pseudobulk.h5ad",
+        cells="results/{study}/scores/cell_scores.tsv.gz",
+        gmt="results/{study}/scores/signatures.gmt",
+    log:
+        "logs/score/{study}.log",
+    benchmark:
+        "benchmarks/score/{study}.tsv"
+    conda:
+        "../../envs/scanpy.yaml"
+    threads: 2
+    resources:
+        mem_mb=mem_mb_from_input(factor=6, minimum=4000, maximum=256000),
+        runtime=runtime_from_input(minutes_per_gb=60, minimum=15),
+    params:
+        entry="livermsc.score:snakemake_entry",
+        cfg=config["score"],
+        species=study_species,
+        seed=config["seed"],
+    script:
+        ENTRY
+
+
+ALL_TARGETS.extend(
+    expand(
+        "results/{study}/scores/{name}",
+        study=config["studies"],
+        name=["sample_scores.tsv", "signature_coverage.tsv"],
+    )
+)
