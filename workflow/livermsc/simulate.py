@@ -260,7 +260,7 @@ def simulate_sample(genome: _Genome, params: dict, arm_level: dict[str, float],
     comp = np.exp(logits) / np.exp(logits).sum()
     counts_per_type = rng.multinomial(n_cells, comp)
     state_logit: dict[str, float] = {}
-    for parent in {p for p, _, _ in CELL_STATES.values()}:
+    for parent in dict.fromkeys(p for p, _, _ in CELL_STATES.values()):
         states = [s for s, (p, _, _) in CELL_STATES.items() if p == parent]
         first = states[0]
         p0 = CELL_STATES[first][1]
