@@ -585,11 +585,11 @@ def test_registry_studies_validate_and_plan():
 
 
 def _workflow_copy(dest: Path) -> Path:
-    """A copy of the workflow (Snakefile, workflow/, config/, envs/) to run Snakemake in."""
+    """A copy of the workflow (Snakefile, workflow/, config/, envs/, seeds/) to run Snakemake in."""
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "Snakefile", dest / "Snakefile")
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
-    for sub in ("workflow", "config", "envs"):
+    for sub in ("workflow", "config", "envs", "seeds"):
         if (REPO / sub).exists():
             shutil.copytree(REPO / sub, dest / sub, ignore=ignore)
     return dest

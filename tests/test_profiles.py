@@ -249,8 +249,8 @@ def test_slurm_dry_run_plans_scaled_and_gpu_resources(tmp_path):
 def test_workflow_dry_run_with_slurm_profile(tmp_path):
     """The real workflow, planned with the SLURM profile: every job gets a partition, an
     account, memory and a runtime (numbers, or <TBD> until its input exists)."""
-    out = dry_run(["--profile", str(slurm_profile(tmp_path)), "--workflow-profile", "none"],
-                  REPO)
+    out = dry_run(["--profile", str(slurm_profile(tmp_path)), "--workflow-profile", "none",
+                   "--forceall"], REPO)
     jobs = planned_resources(out)
     assert {"report_claims", "report_summary"} <= set(jobs), sorted(jobs)
     for rule, planned in jobs.items():

@@ -5,6 +5,10 @@ log-normalised data in ``X``, raw counts in ``layers["counts"]``, the unintegrat
 in ``obsm["X_pca"]`` and the scVI latent space in ``obsm["X_scVI"]``. The trained model is saved
 next to it; it was trained on the HVG subset, so reload it with
 ``scvi.model.SCVI.load(model_dir, adata=adata[:, adata.var["highly_variable"]].copy())``.
+
+:func:`integration_metrics` scores the PCA baseline against scVI with scib-metrics (batch
+mixing and bio-conservation, with the annotated cell types as labels); its rule runs after
+annotation.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import numpy as np
 import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
+
+from livermsc.plotting import save_figure
 
 log = logging.getLogger("livermsc.integrate")
 
@@ -280,3 +286,133 @@ def snakemake_entry(smk: Any) -> None:
     integrate(adata, cfg, seed=int(smk.params.seed), threads=smk.threads,
               model_dir=smk.output.model)
     adata.write_h5ad(smk.output.h5ad, compression="gzip")
+
+
+# --- integration metrics (scib-metrics) --------------------------------------------------------------
+
+#: metric id -> (group, description); computed with the scib-metrics function of that name
+METRICS: dict[str, tuple[str, str]] = {
+    "ilisi": ("batch_mixing", "integration LISI on a 90-NN graph (scaled 0-1; higher = better mixed)"),
+    "kbet": ("batch_mixing", "kBET acceptance rate on a 50-NN graph, all cells"),
+    "kbet_per_label": ("batch_mixing", "kBET within each label (scIB definition; slow)"),
+    "graph_connectivity": ("batch_mixing", "connectivity of each label's 15-NN subgraph"),
+    "silhouette_batch": ("batch_mixing", "1 - |batch silhouette| within labels"),
+    "pcr_comparison": ("batch_mixing", "reduction of variance explained by batch vs the PCA baseline"),
+    "silhouette_label": ("conservation", "label silhouette (rescaled 0-1)"),
+    "clisi": ("conservation", "cell-type LISI on a 90-NN graph (scaled 0-1; higher = purer)"),
+    "nmi": ("conservation", "NMI of k-means clusters vs labels"),
+    "ari": ("conservation", "ARI of k-means clusters vs labels"),
+    "isolated_labels": ("conservation", "silhouette of labels present in the fewest batches"),
+}
+
+
+def _knn(X: np.ndarray, k: int) -> Any:
+    from scib_metrics.nearest_neighbors import NeighborsResults
+    from sklearn.neighbors import NearestNeighbors
+
+    k = min(k, X.shape[0] - 1)
+    dist, idx = NearestNeighbors(n_neighbors=k).fit(X).kneighbors(X)
+    return NeighborsResults(indices=idx, distances=dist)
+
+
+def integration_metrics(adata: ad.AnnData, label_key: str, batch_key: str,
+                        embeddings: Sequence[str] = ("X_pca", "X_scVI"),
+                        metrics: Sequence[str] = ("ilisi", "kbet", "graph_connectivity",
+                                                  "silhouette_batch", "silhouette_label", "clisi",
+                                                  "nmi", "ari", "isolated_labels"),
+                        baseline: str = "X_pca", max_cells: int | None = None,
+                        seed: int = 0, exclude_labels: Sequence[str] = ("unassigned",)
+                        ) -> pd.DataFrame:
+    """Score each embedding with scib-metrics; return a long table.
+
+    Columns: embedding, metric, group (batch_mixing / conservation), value, description.
+    Cells whose label is in ``exclude_labels`` are left out; with ``max_cells`` a seeded random
+    subset of that many cells is scored (the metrics grow quadratically with cells).
+    Exact neighbours come from scikit-learn, shared by the graph-based metrics.
+    """
+    import scib_metrics as sm
+
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"cluster.metrics.metrics: unknown metric(s) {unknown}; known: {list(METRICS)}")
+    missing = [e for e in [*embeddings, baseline] if e not in adata.obsm]
+    if missing:
+        raise IntegrationInputError(f"obsm lacks embedding(s) {missing}; available: {sorted(adata.obsm)}")
+    for key in (label_key, batch_key):
+        if key not in adata.obs:
+            raise IntegrationInputError(f"obs lacks column '{key}' needed for the integration metrics")
+    keep = ~adata.obs[label_key].astype(str).isin(list(exclude_labels)).to_numpy()
+    idx = np.flatnonzero(keep)
+    if max_cells is not None and idx.size > max_cells:
+        idx = np.sort(np.random.default_rng(seed).choice(idx, size=max_cells, replace=False))
+    labels = adata.obs[label_key].astype(str).to_numpy()[idx]
+    batch = adata.obs[batch_key].astype(str).to_numpy()[idx]
+    if np.unique(labels).size < 2 or np.unique(batch).size < 2:
+        raise IntegrationInputError(
+            f"integration metrics need >= 2 labels ('{label_key}') and >= 2 batches ('{batch_key}')")
+    rows = []
+    for emb in embeddings:
+        X = np.asarray(adata.obsm[emb], dtype=np.float32)[idx]
+        nn = _knn(X, 90)
+        values: dict[str, float] = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for m in metrics:
+                if m == "ilisi":
+                    values[m] = sm.ilisi_knn(nn, batch)
+                elif m == "clisi":
+                    values[m] = sm.clisi_knn(nn, labels)
+                elif m == "kbet":
+                    values[m] = sm.kbet(nn.subset_neighbors(min(50, nn.n_neighbors)), batch)[0]
+                elif m == "kbet_per_label":
+                    values[m] = sm.kbet_per_label(nn.subset_neighbors(min(50, nn.n_neighbors)),
+                                                  batch, labels)
+                elif m == "graph_connectivity":
+                    values[m] = sm.graph_connectivity(
+                        nn.subset_neighbors(min(15, nn.n_neighbors)), labels)
+                elif m == "silhouette_batch":
+                    values[m] = sm.silhouette_batch(X, labels, batch)
+                elif m == "pcr_comparison":
+                    values[m] = sm.pcr_comparison(
+                        np.asarray(adata.obsm[baseline])[idx], X, batch, categorical=True)
+                elif m == "silhouette_label":
+                    values[m] = sm.silhouette_label(X, labels)
+                elif m in ("nmi", "ari"):
+                    if "nmi" not in values:
+                        res = sm.nmi_ari_cluster_labels_kmeans(X, labels)
+                        values["nmi"], values["ari"] = res["nmi"], res["ari"]
+                elif m == "isolated_labels":
+                    values[m] = sm.isolated_labels(X, labels, batch)
+        for m in metrics:
+            rows.append({"embedding": emb, "metric": m, "group": METRICS[m][0],
+                         "value": float(values[m]), "description": METRICS[m][1]})
+    out = pd.DataFrame(rows)
+    out["n_cells"] = idx.size
+    out["label_key"] = label_key
+    out["batch_key"] = batch_key
+    return out
+
+
+def metrics_figure(table: pd.DataFrame) -> Any:
+    """The integration-metrics dot plot (one colour per embedding), titled with the keys."""
+    from livermsc.plotting import integration_metric_plot
+
+    data = table.assign(metric=table["group"].str.replace("_", " ") + ": " + table["metric"])
+    fig = integration_metric_plot(data, metric_col="metric", value_col="value",
+                                  group_col="embedding")
+    fig.axes[0].set_title(f"batch: {table['batch_key'].iat[0]}, labels: "
+                          f"{table['label_key'].iat[0]} ({table['n_cells'].iat[0]} cells)",
+                          fontsize=8)
+    fig.axes[0].set_xlabel("score (higher is better)")
+    return fig
+
+
+def snakemake_metrics(smk: Any) -> None:
+    """Rule ``integration_metrics``: scib-metrics table and figure, PCA baseline vs scVI."""
+    cfg = smk.params.cfg
+    adata = ad.read_h5ad(smk.input.h5ad)
+    table = integration_metrics(adata, label_key="cell_type", batch_key=smk.params.batch_key,
+                                embeddings=cfg["embeddings"], metrics=cfg["metrics"],
+                                max_cells=cfg["max_cells"], seed=int(smk.params.seed))
+    table.to_csv(smk.output.table, sep="\t", index=False)
+    save_figure(metrics_figure(table), Path(smk.output.figures[0]), smk.params.formats)

@@ -11,11 +11,6 @@ except ClusterInputError as err:
     sys.exit(f"livermsc: invalid input, nothing was run.\n{err}")
 RESOLUTION_KEYS = [f"leiden_{float(r):g}" for r in CLUSTER["resolutions"]]
 UMAP_FIGURES = ["sample", "arm", "cluster", "cell_type", "cell_state"]
-SCVI_ENV = (
-    "../../envs/scvi_cpu.yaml"
-    if config["integrate"]["accelerator"] == "cpu"
-    else "../../envs/scvi.yaml"
-)
 
 
 rule cluster:
@@ -85,13 +80,13 @@ rule integration_metrics:
     benchmark:
         "benchmarks/integration_metrics/{study}.tsv"
     conda:
-        SCVI_ENV
+        "../../envs/scvi_cpu.yaml"
     threads: 2
     resources:
         mem_mb=mem_mb_from_input(factor=8, minimum=4000, maximum=128000),
         runtime=runtime_from_input(minutes_per_gb=120, minimum=15),
     params:
-        entry="livermsc.cluster:snakemake_metrics",
+        entry="livermsc.integrate:snakemake_metrics",
         cfg=CLUSTER["metrics"],
         batch_key=config["integrate"]["batch_key"],
         formats=CLUSTER["figure_formats"],
