@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,7 +14,6 @@ from livermsc.claims import (
     META_COLUMNS,
     check_config,
     evaluate_study,
-    forest_plot,
     load_catalogue,
     meta_analysis,
     snakemake_entry,
@@ -237,8 +235,6 @@ def test_meta_analysis_two_studies_and_one(demo_verdicts, tmp_path):
     assert (single["k"] == 1).all() and single["i2"].isna().all()
     assert single.loc["msc_m2", "hedges_g"] == pytest.approx(one["hedges_g"])
     assert single.loc["msc_m2", "verdict"] == "supported"
-    paths = forest_plot([table, other], meta, tmp_path / "forest", ["png"])
-    assert paths[0].stat().st_size > 10_000
 
 
 def test_catalogue_and_config_errors(tmp_path):
@@ -365,15 +361,13 @@ def test_rule_entry_points(sim_adata, tmp_path, demo_catalogue):
     assert verdict["msc_angiogenesis"] == "inconclusive"
     snakemake_meta_entry(SimpleNamespace(
         input=_named(claims=[str(out / "claims.tsv")]),
-        output=_named(meta=str(tmp_path / "results/claims_meta.tsv"),
-                      forest=[str(tmp_path / "results/figures/forest_claims.png")]),
+        output=_named(meta=str(tmp_path / "results/claims_meta.tsv")),
         params=SimpleNamespace(cfg={})))
     meta = pd.read_csv(tmp_path / "results/claims_meta.tsv", sep="\t")
     assert set(meta["k"]) <= {0, 1} and meta["i2"].isna().all()
     untested = meta[meta["k"] == 0]
     assert (untested["reason"] == "no study could test this contrast").all()
     assert (untested["verdict"] == "inconclusive").all()
-    assert Path(tmp_path / "results/figures/forest_claims.png").is_file()
 
 
 class _named(SimpleNamespace):

@@ -58,7 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "catalogue": "seeds/claims.yaml", "method": "pseudobulk_z", "alpha": 0.05, "power": 0.8,
     "min_samples_per_arm": 3, "min_parent_cells": 20, "covariates": ["batch"],
     "pool_arms": True,
-    "share_pseudocount": 0.5, "figure_formats": ["png"],
+    "share_pseudocount": 0.5,
 }
 
 
@@ -382,49 +382,6 @@ def meta_analysis(tables: Sequence[pd.DataFrame], alpha: float = 0.05) -> pd.Dat
     return out[META_COLUMNS]
 
 
-def forest_plot(tables: Sequence[pd.DataFrame], meta: pd.DataFrame, stem: str | Path,
-                formats: Iterable[str] = ("png",)) -> list[Path]:
-    """One forest plot of every testable claim x contrast: each study's g with its 95% CI and the
-    pooled random-effects estimate (diamond)."""
-    import matplotlib.pyplot as plt
-
-    from livermsc.plotting import OKABE_ITO, save_figure
-
-    data = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=CLAIM_COLUMNS)
-    data = data[np.isfinite(data["hedges_g"].astype(float))]
-    shown = meta[meta["k"] > 0].reset_index(drop=True)
-    studies = sorted(data["study"].astype(str).unique())
-    colour = {s: OKABE_ITO[i % len(OKABE_ITO)] for i, s in enumerate(studies)}
-    n = max(len(shown), 1)
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * n))
-    labels = []
-    for i, m in shown.iterrows():
-        y = n - 1 - i
-        labels.append(f"{m['claim_id']}\n{m['contrast']}")
-        sub = data[(data["claim_id"] == m["claim_id"]) & (data["contrast"] == m["contrast"])]
-        offs = np.linspace(0.4, 0.0, len(sub) + 2)[1:-1]
-        for off, (_, s) in zip(offs, sub.iterrows(), strict=True):
-            ax.errorbar(s["hedges_g"], y + off, xerr=[[s["hedges_g"] - s["ci_low"]],
-                                                      [s["ci_high"] - s["hedges_g"]]],
-                        fmt="o", ms=4, color=colour[str(s["study"])], lw=1)
-        g, lo, hi = m["hedges_g"], m["ci_low"], m["ci_high"]
-        ax.fill([lo, g, hi, g], [y - 0.2, y - 0.08, y - 0.2, y - 0.32], color="0.3")
-    ax.axvline(0, color="0.5", lw=0.8, ls="--")
-    ax.set_yticks(range(n - 1, n - 1 - len(labels), -1), labels, fontsize=7)
-    ax.set_ylim(-0.6, n - 0.4)
-    ax.set_xlabel("Hedges' g (arm vs reference), 95% CI; diamond: random-effects pooled")
-    ax.set_title("Claims across studies")
-    for s in studies:
-        ax.plot([], [], "o", color=colour[s], label=s)
-    if studies:
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False,
-                  title="study", title_fontsize=7)
-    if shown.empty:
-        ax.text(0.5, 0.5, "no claim could be tested in any study", ha="center",
-                transform=ax.transAxes)
-    return save_figure(fig, stem, formats)
-
-
 # --- rule entry points ----------------------------------------------------------------------------
 
 def snakemake_entry(smk: Any) -> None:
@@ -448,11 +405,9 @@ def snakemake_entry(smk: Any) -> None:
 
 
 def snakemake_meta_entry(smk: Any) -> None:
-    """Rule ``claims_meta``: pool every study's claims and draw the forest plot."""
+    """Rule ``claims_meta``: pool every study's claims (the report stage draws the forest plot)."""
     settings = claims_settings(smk.params.cfg)
     tables = [pd.read_csv(p, sep="\t", dtype={"stage": str}, keep_default_na=True)
               for p in smk.input.claims]
     meta = meta_analysis(tables, float(settings["alpha"]))
     meta.to_csv(smk.output.meta, sep="\t", index=False, na_rep="NA")
-    stem = Path(smk.output.forest[0]).with_suffix("")
-    forest_plot(tables, meta, stem, settings["figure_formats"])

@@ -397,5 +397,5 @@ def simulate_study(params: dict, species: str, signatures_path: str | Path, outd
 def snakemake_entry(smk: Any) -> None:
     """Rule ``simulate_study``: write the simulated study into ``output.data``."""
     spec = smk.params.spec
-    simulate_study(spec["simulate"], spec["species"], smk.params.signatures, smk.output.data,
+    simulate_study(spec["simulate"], spec["species"], smk.input.signatures, smk.output.data,
                    seed=int(smk.params.seed))

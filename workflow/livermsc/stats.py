@@ -138,7 +138,6 @@ def bh(pvalues: Sequence[float]) -> np.ndarray:
 
 
 @lru_cache(maxsize=4096)
-@lru_cache(maxsize=4096)
 def _noncentrality(df: float, alpha: float, power: float) -> float:
     """Noncentrality at which a two-sided t-test with ``df`` has the requested power."""
     from scipy.optimize import brentq

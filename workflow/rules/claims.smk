@@ -1,6 +1,6 @@
 # Test the claims (livermsc.claims, livermsc.stats): per study, one verdict per claim x contrast
 # from sample-level statistics (animals as units, BH q-values); across studies, a DerSimonian-
-# Laird random-effects meta-analysis of Hedges' g and a forest plot.
+# Laird random-effects meta-analysis of Hedges' g (forest plot: report stage).
 
 
 rule claims:
@@ -37,10 +37,6 @@ rule claims_meta:
         claims=expand("results/{study}/claims.tsv", study=config["studies"]),
     output:
         meta="results/claims_meta.tsv",
-        forest=expand(
-            "results/figures/forest_claims.{fmt}",
-            fmt=config["claims"]["figure_formats"],
-        ),
     log:
         "logs/claims_meta/all.log",
     benchmark:

@@ -17,7 +17,7 @@ rule cluster:
     input:
         h5ad="results/{study}/integrated.h5ad",
     output:
-        h5ad="results/{study}/clustered.h5ad",
+        h5ad=temp("results/{study}/clustered.h5ad"),
         markers=expand(
             "results/{{study}}/markers/{key}.tsv",
             key=RESOLUTION_KEYS,

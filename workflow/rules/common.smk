@@ -36,11 +36,6 @@ def samples_of(study):
     return STUDIES[study].samples.index.tolist()
 
 
-def data_dir(study):
-    """Folder holding a study's input counts (simulated or fetched/placed files)."""
-    return STUDIES[study].data_dir
-
-
 def sample_input(wildcards):
     """Input of `ingest` for one sample: the simulated folder, or the sample's file in data_dir."""
     study = STUDIES[wildcards.study]

@@ -3,6 +3,8 @@
 
 
 rule simulate_study:
+    input:
+        signatures=config["score"]["signatures"],
     output:
         data=directory("resources/{study}/simulated"),
     log:
@@ -19,7 +21,6 @@ rule simulate_study:
         entry="livermsc.simulate:snakemake_entry",
         spec=lambda wc: STUDIES[wc.study].spec,
         seed=config["seed"],
-        signatures="config/signatures.yaml",
     script:
         ENTRY
 
