@@ -50,37 +50,23 @@ def simulate_adata(params: Mapping, signatures: Mapping[str, Sequence[str]], see
     """Simulate a study in memory: one AnnData with counts in ``X`` and ``layers["counts"]`` and
     the truth (cell_type, cell_state, is_doublet, is_low_quality) in ``obs``.
 
-    Draws random numbers in the same order as :func:`livermsc.simulate.simulate_study`, so the
-    counts equal those it writes to disk for the same parameters, signatures and seed.
+    Uses :func:`livermsc.simulate.iter_samples`, like ``simulate_study``, so the counts equal
+    those written to disk for the same parameters, signatures and seed.
     """
-    rng = np.random.default_rng(seed)
-    genome = simulate._Genome(dict(signatures), int(params["n_background_genes"]), rng)
-    effects = simulate.parse_effects(dict(params))
-    levels = simulate.arm_levels(params["arms"], effects)
-    sheet = simulate.design(dict(params), species)
-    n_genes = len(genome.genes)
-    batches = sorted(sheet["batch"].unique())
-    batch_gene = {b: rng.normal(0, params["batch_sd"], n_genes) for b in batches}
-    batch_lib = {b: float(np.exp(rng.normal(0, 0.15))) for b in batches}
-    per_sample = int(params["n_cells"]) // len(sheet)
+    sets = {k: list(v) for k, v in signatures.items()}
+    genes, _, _, samples = simulate.iter_samples(dict(params), sets, seed, species)
     blocks, obs_parts = [], []
-    for row in sheet.itertuples():
-        animal_gene = rng.normal(0, params["animal_sd"], n_genes)
-        n = int(rng.integers(int(per_sample * 0.8), int(per_sample * 1.2)))
-        X, obs = simulate.simulate_sample(genome, dict(params), levels[row.arm], effects,
-                                          animal_gene, batch_gene[row.batch],
-                                          batch_lib[row.batch], n, rng)
-        barcodes = simulate._barcodes(X.shape[0], rng)
-        obs.index = [f"{row.sample}:{bc}" for bc in barcodes]
+    for s in samples:
+        obs = s.obs
+        obs.index = [f"{s.row.sample}:{bc}" for bc in s.barcodes]
         for col in ("sample", "arm", "animal", "batch"):
-            obs[col] = getattr(row, col)
-        blocks.append(X)
+            obs[col] = getattr(s.row, col)
+        blocks.append(s.X)
         obs_parts.append(obs)
     obs = pd.concat(obs_parts)
     for col in ("sample", "arm", "animal", "batch", "cell_type", "cell_state"):
         obs[col] = pd.Categorical(obs[col].astype(str))
     X = sp.vstack(blocks).tocsr().astype(np.float32)
-    genes = [g.upper() for g in genome.genes] if species == "human" else list(genome.genes)
     adata = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=genes))
     adata.layers["counts"] = adata.X.copy()
     return adata

@@ -340,17 +340,25 @@ def write_10x_mtx(X: sp.csr_matrix, genes: list[str], barcodes: list[str], outdi
     pd.Series(barcodes).to_csv(outdir / "barcodes.tsv.gz", sep="\t", header=False, index=False)
 
 
-def simulate_study(params: dict, species: str, signatures_path: str | Path, outdir: str | Path,
-                   seed: int = 0) -> dict[str, Any]:
-    """Simulate a whole study into ``outdir``; return the truth (also written to truth.yaml).
+@dataclass(frozen=True)
+class SimulatedSample:
+    """One simulated sample: its sample-sheet row, counts (cells x genes) and per-cell truth."""
 
-    Writes ``<sample>/`` 10x folders, ``samples.tsv``, ``cells.tsv.gz`` (per-cell truth) and
-    ``truth.yaml`` (design, planted effects and the arm levels they imply).
+    row: Any  # a row of :func:`design` (sample, arm, animal, batch, path, ...)
+    X: sp.csr_matrix
+    obs: pd.DataFrame
+    barcodes: list[str]
+
+
+def iter_samples(params: dict, signatures: dict[str, list[str]], seed: int = 0,
+                 species: str = "mouse") -> tuple[list[str], list[Effect], dict, Any]:
+    """Set up a simulated study; return (gene symbols, effects, arm levels, sample generator).
+
+    The generator yields one :class:`SimulatedSample` per row of :func:`design`. Writing to disk
+    (:func:`simulate_study`) and simulating in memory both go through here, so the same
+    parameters, signatures and seed give the same counts either way.
     """
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    signatures = _load_signatures(signatures_path)
     genome = _Genome(signatures, int(params["n_background_genes"]), rng)
     effects = parse_effects(params)
     levels = arm_levels(params["arms"], effects)
@@ -360,15 +368,34 @@ def simulate_study(params: dict, species: str, signatures_path: str | Path, outd
     batch_gene = {b: rng.normal(0, params["batch_sd"], n_genes) for b in batches}
     batch_lib = {b: float(np.exp(rng.normal(0, 0.15))) for b in batches}
     per_sample = int(params["n_cells"]) // len(sheet)
-    symbols = _to_species(genome.genes, species)
+
+    def samples():
+        for row in sheet.itertuples():
+            animal_gene = rng.normal(0, params["animal_sd"], n_genes)
+            n = int(rng.integers(int(per_sample * 0.8), int(per_sample * 1.2)))
+            X, obs = simulate_sample(genome, params, levels[row.arm], effects, animal_gene,
+                                     batch_gene[row.batch], batch_lib[row.batch], n, rng)
+            yield SimulatedSample(row, X, obs, _barcodes(X.shape[0], rng))
+
+    return _to_species(genome.genes, species), effects, levels, samples()
+
+
+def simulate_study(params: dict, species: str, signatures_path: str | Path, outdir: str | Path,
+                   seed: int = 0) -> dict[str, Any]:
+    """Simulate a whole study into ``outdir``; return the truth (also written to truth.yaml).
+
+    Writes ``<sample>/`` 10x folders, ``samples.tsv``, ``cells.tsv.gz`` (per-cell truth) and
+    ``truth.yaml`` (design, planted effects and the arm levels they imply).
+    """
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    signatures = _load_signatures(signatures_path)
+    symbols, effects, levels, samples = iter_samples(params, signatures, seed, species)
+    sheet = design(params, species)
     truth_tables = []
-    for row in sheet.itertuples():
-        animal_gene = rng.normal(0, params["animal_sd"], n_genes)
-        n = int(rng.integers(int(per_sample * 0.8), int(per_sample * 1.2)))
-        X, obs = simulate_sample(genome, params, levels[row.arm], effects, animal_gene,
-                                 batch_gene[row.batch], batch_lib[row.batch], n, rng)
-        barcodes = _barcodes(X.shape[0], rng)
-        write_10x_mtx(X, symbols, barcodes, outdir / row.path)
+    for s in samples:
+        row, obs, barcodes = s.row, s.obs, s.barcodes
+        write_10x_mtx(s.X, symbols, barcodes, outdir / row.path)
         obs.insert(0, "barcode", barcodes)
         obs.insert(1, "sample", row.sample)
         obs.insert(2, "arm", row.arm)
