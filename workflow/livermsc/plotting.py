@@ -237,7 +237,11 @@ def sample_level_plot(df: pd.DataFrame, claim: Mapping[str, Any] | None = None, 
     if ylabel is None:
         ylabel = value_col
         if claim is not None and claim.get("measure"):
-            ylabel = f"{claim['measure']} in {claim.get('population', '?')}"
+            measure, population = str(claim["measure"]), claim.get("population", "?")
+            if measure.startswith("share_of:"):  # share_of:<level>:<parent>
+                ylabel = f"{population} share of {measure.rsplit(':', 1)[-1]}"
+            else:
+                ylabel = f"{measure} in {population}"
     ax.set_ylabel(ylabel)
     if title is None and claim is not None:
         title = claim_title(claim)

@@ -206,7 +206,9 @@ def forest_tables(claims: pd.DataFrame, meta: pd.DataFrame | None,
     studies = studies.assign(effect=studies["hedges_g"].astype(float),
                              ci_low=studies["ci_low"].astype(float),
                              ci_high=studies["ci_high"].astype(float))
-    studies = studies[["label", "study", "effect", "ci_low", "ci_high"]]
+    # contrasts no study could test (arm or stage absent, ...) have nothing to draw
+    studies = studies.loc[np.isfinite(studies["effect"]),
+                          ["label", "study", "effect", "ci_low", "ci_high"]]
     if meta is None:
         return studies, None
     effect = _first_column(meta, META_EFFECT, "pooled effect", source)
@@ -214,6 +216,7 @@ def forest_tables(claims: pd.DataFrame, meta: pd.DataFrame | None,
     high = _first_column(meta, META_HIGH, "upper CI", source)
     pooled = match_meta(claims, meta, source)
     pooled = pooled.rename(columns={effect: "effect", low: "ci_low", high: "ci_high"})
+    pooled = pooled[pooled["label"].isin(studies["label"])]
     return studies, pooled[["label", "effect", "ci_low", "ci_high"]]
 
 
