@@ -10,6 +10,26 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
+#: the mouse genes the demo simulator plants effects on, frozen here: tests that simulate with
+#: them do not change when config/signatures.yaml grows, and those genes must stay in the file
+PLANTED_SIGNATURES = {
+    "hsc_activation": ["Acta2", "Col1a1", "Col1a2", "Col3a1", "Timp1", "Tagln", "Sparc", "Vim",
+                       "Pdgfrb", "Csrp2", "Lum", "Thy1", "Thbs2", "Myl9"],
+    "hsc_quiescence": ["Lrat", "Rbp1", "Colec10", "Rspo3", "Lama1", "Bmp10", "Reln", "Ngfr", "Hgf"],
+    "m1_macrophage": ["Cd38", "Gpr18", "Fpr2", "Socs3", "Nos2", "Il12b", "Ptgs2", "Il23a", "Ido1",
+                      "Il1b", "Tnf", "Cxcl10"],
+    "m2_macrophage": ["Egr2", "Myc", "Retnla", "Socs2", "Irf4", "Chil3", "Cxcl13", "Ccl12",
+                      "Ccl24", "Klf4", "Mrc1", "Cd163"],
+    "treg_identity": ["Foxp3", "Il2ra", "Ctla4", "Ikzf2", "Tnfrsf18", "Nrp1", "Entpd1", "Tigit",
+                      "Il10"],
+    "hepatocyte_proliferation": ["Mki67", "Top2a", "Pcna", "Mcm2", "Mcm5", "Mcm6", "Ccnb2", "Cdk1",
+                                 "Birc5", "Tyms", "Rrm2", "Ube2c", "Cenpf", "Aurkb", "Ccne2"],
+    "dc_maturation": ["Cd80", "Cd86", "Cd40", "Ccr7", "Cd83", "Lamp3", "Ccl19", "Ccl22", "Fscn1",
+                      "Il12b"],
+    "angiogenesis": ["Vegfa", "Kdr", "Flt1", "Esm1", "Apln", "Angpt2", "Dll4", "Pecam1", "Cd34",
+                     "Kit"],
+}
+
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:

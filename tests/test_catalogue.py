@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import PLANTED_SIGNATURES
 from livermsc.config import ConfigError, load_yaml, validate
 from livermsc.simulate import CELL_STATES, CELL_TYPES
 
@@ -18,24 +19,6 @@ SEEDS_DIR = REPO.parent / "shared" / "seeds"
 
 #: the shortest run of consecutive words that counts as copied from a seed article
 COPY_RUN = 8
-
-#: mouse genes the simulator plants effects on; they must never be removed or renamed
-PLANTED_MOUSE_GENES = {
-    "hsc_activation": ["Acta2", "Col1a1", "Col1a2", "Col3a1", "Timp1", "Tagln", "Sparc", "Vim",
-                       "Pdgfrb", "Csrp2", "Lum", "Thy1", "Thbs2", "Myl9"],
-    "hsc_quiescence": ["Lrat", "Rbp1", "Colec10", "Rspo3", "Lama1", "Bmp10", "Reln", "Ngfr", "Hgf"],
-    "m1_macrophage": ["Cd38", "Gpr18", "Fpr2", "Socs3", "Nos2", "Il12b", "Ptgs2", "Il23a", "Ido1",
-                      "Il1b", "Tnf", "Cxcl10"],
-    "m2_macrophage": ["Egr2", "Myc", "Retnla", "Socs2", "Irf4", "Chil3", "Cxcl13", "Ccl12", "Ccl24",
-                      "Klf4", "Mrc1", "Cd163"],
-    "treg_identity": ["Foxp3", "Il2ra", "Ctla4", "Ikzf2", "Tnfrsf18", "Nrp1", "Entpd1", "Tigit",
-                      "Il10"],
-    "hepatocyte_proliferation": ["Mki67", "Top2a", "Pcna", "Mcm2", "Mcm5", "Mcm6", "Ccnb2", "Cdk1",
-                                 "Birc5", "Tyms", "Rrm2", "Ube2c", "Cenpf", "Aurkb", "Ccne2"],
-    "dc_maturation": ["Cd80", "Cd86", "Cd40", "Ccr7", "Cd83", "Lamp3", "Ccl19", "Ccl22", "Fscn1",
-                      "Il12b"],
-    "angiogenesis": ["Vegfa", "Kdr", "Flt1", "Esm1", "Apln", "Angpt2", "Dll4", "Pecam1", "Cd34", "Kit"],
-}
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +138,7 @@ def test_signatures_used_exist_with_both_species(claims, signatures):
 
 
 def test_signature_library_validates_and_keeps_planted_genes(signatures):
-    for sig, genes in PLANTED_MOUSE_GENES.items():
+    for sig, genes in PLANTED_SIGNATURES.items():
         assert sig in signatures, f"signature '{sig}' (planted by the simulator) is missing"
         lost = [g for g in genes if g not in signatures[sig]["mouse"]]
         assert not lost, f"signature '{sig}': planted mouse genes removed or renamed: {lost}"

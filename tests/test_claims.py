@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import PLANTED_SIGNATURES
 from livermsc.claims import (
     CLAIM_COLUMNS,
     META_COLUMNS,
@@ -23,26 +24,6 @@ from livermsc.claims import (
 from livermsc.config import ConfigError
 from livermsc.stats import dersimonian_laird
 from scipy import stats as sps
-
-# The demo's programme signatures (mouse), frozen here so that the dedicated simulation below does
-# not change when config/signatures.yaml is edited.
-DEMO_SIGNATURES = {
-    "hsc_activation": ["Acta2", "Col1a1", "Col1a2", "Col3a1", "Timp1", "Tagln", "Sparc", "Vim",
-                       "Pdgfrb", "Csrp2", "Lum", "Thy1", "Thbs2", "Myl9"],
-    "hsc_quiescence": ["Lrat", "Rbp1", "Colec10", "Rspo3", "Lama1", "Bmp10", "Reln", "Ngfr", "Hgf"],
-    "m1_macrophage": ["Cd38", "Gpr18", "Fpr2", "Socs3", "Nos2", "Il12b", "Ptgs2", "Il23a", "Ido1",
-                      "Il1b", "Tnf", "Cxcl10"],
-    "m2_macrophage": ["Egr2", "Myc", "Retnla", "Socs2", "Irf4", "Chil3", "Cxcl13", "Ccl12",
-                      "Ccl24", "Klf4", "Mrc1", "Cd163"],
-    "treg_identity": ["Foxp3", "Il2ra", "Ctla4", "Ikzf2", "Tnfrsf18", "Nrp1", "Entpd1", "Tigit",
-                      "Il10"],
-    "hepatocyte_proliferation": ["Mki67", "Top2a", "Pcna", "Mcm2", "Mcm5", "Mcm6", "Ccnb2", "Cdk1",
-                                 "Birc5", "Tyms", "Rrm2", "Ube2c", "Cenpf", "Aurkb", "Ccne2"],
-    "dc_maturation": ["Cd80", "Cd86", "Cd40", "Ccr7", "Cd83", "Lamp3", "Ccl19", "Ccl22", "Fscn1",
-                      "Il12b"],
-    "angiogenesis": ["Vegfa", "Kdr", "Flt1", "Esm1", "Apln", "Angpt2", "Dll4", "Pecam1", "Cd34",
-                     "Kit"],
-}
 
 
 def _claim(cid, level, value, measure, contrasts, direction, kind="claim"):
@@ -106,8 +87,8 @@ def demo_scored(demo_catalogue):
     from livermsc.score import catalogue_share_pairs, score_study
 
     params = validate(demo_params(n_cells=10000), "simulate", "demo.yaml")
-    adata = truth_qc(simulate_adata(params, DEMO_SIGNATURES, seed=7))
-    res = score_study(adata, DEMO_SIGNATURES, "demo", {},
+    adata = truth_qc(simulate_adata(params, PLANTED_SIGNATURES, seed=7))
+    res = score_study(adata, PLANTED_SIGNATURES, "demo", {},
                       share_pairs=catalogue_share_pairs(demo_catalogue), seed=0)
     return res
 
@@ -328,7 +309,7 @@ def test_rule_entry_points(sim_adata, tmp_path, demo_catalogue):
     a.write_h5ad(tmp_path / "annotated.h5ad")
     sigs = tmp_path / "sigs.yaml"
     sigs.write_text(yaml.safe_dump({"signatures": {k: {"mouse": v, "human": [g.upper() for g in v]}
-                                                   for k, v in DEMO_SIGNATURES.items()}}))
+                                                   for k, v in PLANTED_SIGNATURES.items()}}))
     cat = tmp_path / "claims.yaml"
     cat.write_text(yaml.safe_dump(demo_catalogue))
     out = tmp_path / "results" / "sim"
