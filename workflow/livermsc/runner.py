@@ -28,7 +28,9 @@ def _remove_outputs(outputs: list[str]) -> None:
 def run(smk: Any) -> None:
     """Configure logging to ``smk.log[0]``, call ``params.entry`` and clean up on failure."""
     log_path = Path(smk.log[0]) if smk.log else None
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.WARNING)  # the full record goes to the rule's log file
+    handlers: list[logging.Handler] = [console]
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_path, mode="w"))
