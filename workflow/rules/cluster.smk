@@ -5,10 +5,7 @@
 from livermsc.cluster import ClusterInputError, check_config
 
 CLUSTER = config["cluster"]
-try:
-    check_config(CLUSTER)
-except ClusterInputError as err:
-    sys.exit(f"livermsc: invalid input, nothing was run.\n{err}")
+checked(check_config, CLUSTER, errors=(ClusterInputError,))
 RESOLUTION_KEYS = [f"leiden_{float(r):g}" for r in CLUSTER["resolutions"]]
 UMAP_FIGURES = ["sample", "arm", "cluster", "cell_type", "cell_state"]
 

@@ -6,13 +6,20 @@ sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 
 from livermsc.config import ConfigError, load_config
 
-try:
-    _validated, STUDIES = load_config(
-        config,
-        source="config (config/config.yaml with --config/--configfile overrides)",
-    )
-except ConfigError as err:
-    sys.exit(f"livermsc: invalid input, nothing was run.\n{err}")
+
+def checked(check, *args, errors=(ConfigError,)):
+    """Run an input check before any job; on failure stop with its message, no traceback."""
+    try:
+        return check(*args)
+    except errors as err:
+        sys.exit(f"livermsc: invalid input, nothing was run.\n{err}")
+
+
+_validated, STUDIES = checked(
+    load_config,
+    config,
+    "config (config/config.yaml with --config/--configfile overrides)",
+)
 config.update(_validated)
 
 ENTRY = "../scripts/run.py"
@@ -146,14 +153,11 @@ def sample_stages(wildcards):
 # job runs (livermsc.fetch.plan_study); fetch.smk turns each plan into rules.
 from livermsc.fetch import FetchSettings, plan_study
 
-try:
-    FETCH_PLANS = {
-        sid: plan_study(study, FetchSettings.from_config(config["fetch"]))
-        for sid, study in STUDIES.items()
-        if study.spec["source"] in ("geo", "url")
-    }
-except ConfigError as err:
-    sys.exit(f"livermsc: invalid input, nothing was run.\n{err}")
+FETCH_PLANS = {
+    sid: checked(plan_study, study, FetchSettings.from_config(config["fetch"]))
+    for sid, study in STUDIES.items()
+    if study.spec["source"] in ("geo", "url")
+}
 
 
 def download_output(path):
@@ -224,7 +228,4 @@ def qc_samples(wildcards):
 # The claims catalogue and the signatures file are checked before any job runs.
 from livermsc.claims import check_config as check_claims_config
 
-try:
-    check_claims_config(config)
-except ConfigError as err:
-    sys.exit(f"livermsc: invalid input, nothing was run.\n{err}")
+checked(check_claims_config, config)
