@@ -97,3 +97,11 @@ def test_report_holds_every_figure(demo_run):
     assert figures, "the report stage made no figures"
     missing = [f.name for f in figures if f.name not in html]
     assert not missing, f"figures not in the report: {missing}"
+
+
+def test_single_study_meta_keeps_the_study_verdict(demo_run):
+    claims = pd.read_csv(demo_run / "results/demo/claims.tsv", sep="\t")
+    meta = pd.read_csv(demo_run / "results/claims_meta.tsv", sep="\t")
+    both = claims.merge(meta[meta["k"] == 1], on=["claim_id", "contrast"], suffixes=("", "_meta"))
+    assert len(both) > 10
+    assert (both["verdict"] == both["verdict_meta"]).all()

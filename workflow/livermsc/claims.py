@@ -354,11 +354,13 @@ def meta_analysis(tables: Sequence[pd.DataFrame], alpha: float = 0.05) -> pd.Dat
         return pd.DataFrame(columns=META_COLUMNS)
     allrows = pd.concat(tables, ignore_index=True)
     allrows["stage"] = allrows["stage"].fillna("")
-    rows = []
+    rows, single = [], {}
     for key, grp in allrows.groupby(KEY_COLUMNS, sort=False, dropna=False):
         se = (grp["ci_high"] - grp["ci_low"]) / (2 * stats.Z95)
         ok = np.isfinite(grp["hedges_g"]) & np.isfinite(se) & (se > 0)
         res = stats.dersimonian_laird(grp.loc[ok, "hedges_g"], se[ok] ** 2)
+        if res.k == 1:  # nothing to pool: the study's own sample-level test stands
+            single[len(rows)] = grp.loc[ok].iloc[0]
         row = dict(zip(KEY_COLUMNS, key, strict=True))
         row.update({"k": res.k, "studies": ",".join(grp.loc[ok, "study"].astype(str)),
                     "hedges_g": res.estimate, "se": res.se, "ci_low": res.ci_low,
@@ -379,6 +381,10 @@ def meta_analysis(tables: Sequence[pd.DataFrame], alpha: float = 0.05) -> pd.Dat
         f"{_fmt(g, 2)} from {k} stud{'y' if k == 1 else 'ies'})"
         for p, q, g, k in zip(out.loc[tested, "p_value"], out.loc[tested, "q_value"],
                               out.loc[tested, "hedges_g"], out.loc[tested, "k"], strict=True)]
+    for i, study_row in single.items():
+        for col in ("p_value", "q_value", "verdict"):
+            out.loc[i, col] = study_row[col]
+        out.loc[i, "reason"] = f"one study ({study_row['study']}): {study_row['reason']}"
     return out[META_COLUMNS]
 
 
