@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -12,8 +15,9 @@ import pandas as pd
 import pytest
 import scipy.io
 import scipy.sparse as sp
+import yaml
 from _ingest_writers import write_10x_h5, write_dense, write_h5ad, write_mtx
-from livermsc.config import ConfigError, validate_sample_sheet
+from livermsc.config import ConfigError, combined_entry, load_study, validate_sample_sheet
 from livermsc.ingest import (
     IngestError,
     check_species,
@@ -303,3 +307,178 @@ def test_bad_sample_sheet_is_refused(rows, message):
     with pytest.raises(ConfigError, match=message) as err:
         validate_sample_sheet(pd.DataFrame(rows), "sheet.tsv")
     assert str(err.value).startswith("sheet.tsv")
+
+
+# --- local combined files: several samples in one file ----------------------------------------
+
+def _combined(n_per: int = 4, samples: tuple[str, ...] = ("m1", "m2", "m3")) -> dict:
+    """Counts of several samples in one matrix; barcodes carry an aggr-style -<n> suffix."""
+    d = _tiny(n_per * len(samples))
+    d["X"] = sp.csr_matrix(d["X"].toarray() + np.repeat(np.arange(len(samples)), n_per)[:, None])
+    d["barcodes"] = [f"AAACCTGAGAAGGC{i % n_per:02d}-{i // n_per + 1}"
+                     for i in range(n_per * len(samples))]
+    d["sample"] = [s for s in samples for _ in range(n_per)]
+    return d
+
+
+@pytest.mark.parametrize("layout", ["h5ad_obs", "10x_h5_barcode", "10x_mtx_table", "csv_barcode"])
+def test_combined_file_is_split_into_samples(tmp_path, layout):
+    d = _combined()
+    X, ids, sym, bc = d["X"], d["ids"], d["symbols"], d["barcodes"]
+    if layout == "h5ad_obs":
+        path = write_h5ad(tmp_path / "all.h5ad", X, ids, sym, bc)
+        a = ad.read_h5ad(path)
+        a.obs["mouse"] = pd.Categorical(d["sample"])
+        a.obs["n_genes"] = np.arange(a.n_obs)
+        a.write_h5ad(path)
+        spec = {"format": "h5ad", "split": {"by": "obs", "column": "mouse"}}
+    elif layout == "10x_h5_barcode":
+        path = write_10x_h5(tmp_path / "all.h5", X, ids, sym, bc)
+        spec = {"format": "10x_h5", "split": {"by": "barcode", "pattern": r"-(\d+)$"}}
+    elif layout == "10x_mtx_table":
+        path = write_mtx(tmp_path / "all", X, ids, sym, bc)
+        table = tmp_path / "cells.csv"
+        pd.DataFrame({"cell": bc, "mouse": d["sample"]}).to_csv(table, index=False)
+        spec = {"format": "10x_mtx", "table": str(table),
+                "split": {"by": "table", "table": "cells.csv", "cell_column": "cell",
+                          "sample_column": "mouse"}}
+    else:
+        path = write_dense(tmp_path / "all.csv.gz", X, sym, bc)
+        spec = {"format": "csv", "split": {"by": "barcode", "pattern": r"-(\d+)$"}}
+    values = {"m1": "1", "m2": "2", "m3": "3"} if "barcode" in layout else \
+        {s: s for s in ("m1", "m2", "m3")}
+    dense = X.toarray()
+    for k, (sample, value) in enumerate(values.items()):
+        row = {"sample": sample, "arm": "a", "split_value": value}
+        a = ingest_sample(path, row, study="x", species="mouse", combined=spec)
+        rows = np.flatnonzero(np.array(d["sample"]) == sample)
+        assert a.obs["barcode"].tolist() == [bc[i] for i in rows], layout
+        assert np.array_equal(a.X.toarray(), dense[rows]), layout
+        assert a.obs_names.tolist() == [f"{sample}:{bc[i]}" for i in rows]
+        assert a.uns["ingest"]["split"]["value"] == value
+        assert a.uns["ingest"]["split"]["n_cells_in_file"] == len(bc)
+        if layout == "h5ad_obs":
+            assert set(a.obs["source_mouse"]) == {sample}
+            assert a.obs["source_n_genes"].tolist() == [float(i) for i in rows]
+        assert a.X.toarray().min() == k  # each sample's own offset: the right cells
+    with pytest.raises(IngestError, match=r"no cell has split value 'm9' \(sample 'x9'"):
+        ingest_sample(path, {"sample": "x9", "arm": "a", "split_value": "m9"}, study="x",
+                      species="mouse", combined=spec)
+
+
+def test_combined_split_by_table_names_missing_columns(tmp_path):
+    d = _combined()
+    path = write_10x_h5(tmp_path / "all.h5", d["X"], d["ids"], d["symbols"], d["barcodes"])
+    table = tmp_path / "cells.tsv"
+    pd.DataFrame({"barcode": d["barcodes"], "mouse": d["sample"]}).to_csv(table, sep="\t",
+                                                                          index=False)
+    spec = {"format": "10x_h5", "table": str(table),
+            "split": {"by": "table", "table": "cells.tsv", "cell_column": "cell",
+                      "sample_column": "mouse"}}
+    with pytest.raises(IngestError, match=r"cells\.tsv: column\(s\) \['cell'\] not found .*"
+                       r"columns: \['barcode', 'mouse'\]"):
+        ingest_sample(path, {"sample": "m1", "arm": "a", "split_value": "m1"}, study="x",
+                      species="mouse", combined=spec)
+
+
+def _local_combined_study(folder: Path, files: list[dict], samples: list[dict]) -> Path:
+    studies = folder / "studies"
+    studies.mkdir(parents=True, exist_ok=True)
+    (studies / "comb.yaml").write_text(yaml.safe_dump({
+        "id": "comb", "title": "t", "species": "mouse", "source": "local", "files": files,
+        "samples": samples}))
+    return studies
+
+
+SEURAT_FILE = {"name": "all.rds", "layout": "combined", "format": "seurat",
+               "split": {"by": "obs", "column": "mouse"}}
+
+
+@pytest.mark.parametrize(("files", "samples", "message"), [
+    ([SEURAT_FILE], [{"sample": "m1", "arm": "a"}],
+     r"row 1, field 'path': 'path' is a required property \(expected: the sample's counts "
+     r"file .*or 'split_value' for a sample of a combined file\)"),
+    ([dict(SEURAT_FILE, path="../../etc/passwd")], [{"sample": "m1", "arm": "a",
+                                                     "split_value": "m1"}],
+     r"field 'files\[0\]\.path': '\.\./\.\./etc/passwd' points outside the study's data folder "
+     r"resources/comb/"),
+    ([dict(SEURAT_FILE, format="10x_h5")], [{"sample": "m1", "arm": "a", "split_value": "m1"}],
+     r"field 'files\[0\]\.split': by obs needs format h5ad or seurat"),
+    ([{k: v for k, v in SEURAT_FILE.items() if k != "split"}],
+     [{"sample": "m1", "arm": "a", "split_value": "m1"}],
+     r"field 'files\[0\]': a combined file needs 'format' and 'split'"),
+    ([SEURAT_FILE, dict(SEURAT_FILE, name="other.rds")],
+     [{"sample": "m1", "arm": "a", "split_value": "m1"}],
+     r"sample 'm1', field 'file': cannot tell which combined file holds this sample "
+     r"\(combined files: \['all\.rds', 'other\.rds'\]"),
+    ([dict(SEURAT_FILE, split={"by": "table", "table": "cells.tsv", "cell_column": "c",
+                               "sample_column": "s"}, format="10x_h5")],
+     [{"sample": "m1", "arm": "a", "split_value": "m1"}],
+     r"field 'files\[0\]\.split\.table': 'cells\.tsv' \(expected: the name of another files "
+     r"entry with layout annotation\)"),
+    ([dict(SEURAT_FILE, layout="raw_tar")], [{"sample": "m1", "arm": "a", "split_value": "m1"}],
+     r"field 'files\[0\]\.layout': 'raw_tar' \(expected for a local study: combined or "
+     r"annotation"),
+])
+def test_bad_local_combined_study_is_refused(tmp_path, files, samples, message):
+    studies = _local_combined_study(tmp_path, files, samples)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_study("comb", studies)
+    assert str(err.value).startswith(str(studies / "comb.yaml"))
+
+
+def test_local_combined_study_loads(tmp_path):
+    samples = [{"sample": "m1", "arm": "a", "split_value": "1"},
+               {"sample": "m2", "arm": "b", "split_value": "2", "file": "all.rds"},
+               {"sample": "own", "arm": "b", "path": "own.h5ad", "format": "h5ad"}]
+    study = load_study("comb", _local_combined_study(tmp_path, [SEURAT_FILE], samples))
+    assert combined_entry(study.spec, study.samples.loc["m2"])["name"] == "all.rds"
+    assert combined_entry(study.spec, study.samples.loc["own"]) is None
+
+
+def test_geo_study_cannot_download_a_seurat_combined_file(tmp_path):
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    (studies / "g.yaml").write_text(yaml.safe_dump({
+        "id": "g", "title": "t", "species": "mouse", "source": "geo", "accession": "GSE1",
+        "files": [SEURAT_FILE], "samples": [{"sample": "m1", "arm": "a", "split_value": "m1",
+                                             "path": "m1", "format": "h5ad"}]}))
+    with pytest.raises(ConfigError, match=r"field 'files\[0\]\.format': 'seurat' is not one of "
+                       r"\['csv', 'tsv', 'h5ad'\]"):
+        load_study("g", studies)
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_workflow_ingests_a_local_seurat_object_per_sample(shared_data, tmp_path, repo_root):
+    """A local study of one Seurat .rda split by meta.data age_group: `snakemake` writes one
+    raw h5ad per sample holding exactly that group's counts."""
+    for name in ("config", "seeds"):
+        shutil.copytree(repo_root / name, tmp_path / name)
+    rda = shared_data / "liver_tabula_muris_senis_scDiffCom" / "raw" / "seurat_sample_tms_liver.rda"
+    data = tmp_path / "resources" / "tmsseurat" / "objects"
+    data.mkdir(parents=True)
+    (data / rda.name).symlink_to(rda)
+    (tmp_path / "config" / "studies" / "tmsseurat.yaml").write_text(yaml.safe_dump({
+        "id": "tmsseurat", "title": "TMS liver, Seurat object", "species": "mouse",
+        "source": "local",
+        "files": [{"name": rda.name, "path": f"objects/{rda.name}", "layout": "combined",
+                   "format": "seurat", "split": {"by": "obs", "column": "age_group"}}],
+        "samples": [{"sample": "old", "arm": "old", "split_value": "OLD"},
+                    {"sample": "young", "arm": "young", "split_value": "YOUNG"}]}))
+    targets = ["results/tmsseurat/raw/old.h5ad", "results/tmsseurat/raw/young.h5ad"]
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile",
+                           str(repo_root / "Snakefile"), "--directory", str(tmp_path),
+                           "--cores", "2", *targets, "--config", "studies=[tmsseurat]"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    ref = ad.read_h5ad(shared_data / "liver_tabula_muris_senis_scDiffCom" /
+                       "tms_liver_scDiffCom.h5ad")
+    for target, group in zip(targets, ("OLD", "YOUNG"), strict=True):
+        a = ad.read_h5ad(tmp_path / target)
+        part = ref[ref.obs["age_group"].astype(str) == group]
+        assert sorted(a.obs["barcode"]) == sorted(part.obs_names)
+        expected = sp.csr_matrix(ref[a.obs["barcode"].tolist()].X)
+        assert (a.X != expected).nnz == 0 and (a.layers["counts"] != expected).nnz == 0
+        assert set(a.obs["arm"]) == {group.lower()}
+        assert a.uns["ingest"]["format"] == "seurat"

@@ -1,5 +1,6 @@
-# Read each sample's counts (10x mtx/h5, h5ad, CSV/TSV) into results/{study}/raw/{sample}.h5ad:
-# raw counts in X and layers["counts"], unique symbols, obs from the sample sheet (livermsc.ingest).
+# Read each sample's counts (10x mtx/h5, h5ad, Seurat .rds/.rda, CSV/TSV; its own file or its
+# cells of a combined file) into results/{study}/raw/{sample}.h5ad: raw counts in X and
+# layers["counts"], unique symbols, obs from the sample sheet (livermsc.ingest).
 
 
 rule ingest:
@@ -22,5 +23,6 @@ rule ingest:
         sample_row=sample_row,
         species=study_species,
         simulated=is_simulated,
+        combined=sample_combined,
     script:
         ENTRY
