@@ -71,6 +71,37 @@ def test_catalogue_validates_and_ids_unique(claims):
     assert kinds == {"claim", "control"}
 
 
+def test_catalogue_keeps_its_claims_and_controls(claims):
+    kinds = [c["kind"] for c in claims]
+    assert kinds.count("claim") == 31 and kinds.count("control") == 5
+
+
+def test_difference_claims_are_single_contrasts(claims):
+    by_id = {c["id"]: c for c in claims}
+    for cid in ("stage_hsc_activation_down", "stage_macrophage_inflammation_down"):
+        types = {k["type"] for k in by_id[cid]["contrasts"]}
+        assert types == {"interaction"}, cid
+        assert all(k["levels"] == ["early", "advanced"] for k in by_id[cid]["contrasts"])
+    for cid in ("synergy_hepatocyte_proliferation_up", "synergy_hsc_activation_down",
+                "synergy_macrophage_inflammation_down"):
+        syn = [k for k in by_id[cid]["contrasts"] if k["type"] == "synergy"]
+        assert len(syn) == 1 and syn[0]["arm"] == "injury_msc_ev", cid
+        assert syn[0]["reference"] == "injury"
+        assert sorted(syn[0]["components"]) == ["injury_ev", "injury_msc"]
+    ev = by_id["ev_vs_msc_hsc_activation_down"]["contrasts"]
+    assert ev == [{"type": "simple", "arm": "injury_ev", "reference": "injury_msc"}]
+
+
+def test_schema_rejects_incomplete_difference_contrasts():
+    doc = load_yaml(CLAIMS)
+    doc["claims"][0]["contrasts"] = [{"type": "interaction", "arm": "injury", "reference": "healthy"}]
+    with pytest.raises(ConfigError, match=r"claims\[0\]\.contrasts\[0\]"):
+        validate(doc, "claims", CLAIMS)
+    doc["claims"][0]["contrasts"] = [{"type": "synergy", "arm": "injury", "reference": "healthy"}]
+    with pytest.raises(ConfigError, match="components"):
+        validate(doc, "claims", CLAIMS)
+
+
 def test_schema_rejects_a_bad_claim():
     doc = load_yaml(CLAIMS)
     doc["claims"][0]["direction"] = "sideways"

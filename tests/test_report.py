@@ -174,6 +174,9 @@ def test_forest_tables_use_claim_cis_and_match_pooled(tables):
     assert len(by_id) == 2
     with pytest.raises(ValueError, match="no pooled effect column"):
         report.forest_tables(claims, META.drop(columns=["hedges_g"]))
+    # a contrast tested in one study only gets no "pooled" line repeating that study
+    _, single = report.forest_tables(claims, META.assign(k=[1, 2]))
+    assert list(single["label"]) == ["injury_hsc (injury vs healthy)"]
 
 
 # --- summary ----------------------------------------------------------------------------------

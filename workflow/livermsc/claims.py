@@ -1,35 +1,53 @@
 """Verdicts on claims: one row per claim x contrast per study, and the claims pooled across studies.
 
 For every claim of the catalogue (``claims.catalogue``, schema ``claims.schema.yaml``) and each
-of its contrasts, the sample-level values of ``sample_scores.tsv`` (score stage) are compared
-between the two arms with animals as units (:mod:`livermsc.stats`). The verdict is
+of its contrasts, one model is fitted on the animals (donors) of the cells the contrast compares
+(:mod:`livermsc.stats`):
 
-* ``supported``: q < alpha and the effect goes the predicted way;
-* ``contradicted``: q < alpha and the effect goes the other way;
-* ``inconclusive``, with the reason: an arm absent from the study (or from the contrast's stage),
-  the population absent, the signature's genes mostly missing (``score.min_genes``), too few
-  animals per arm (``min_samples_per_arm``; samples whose population has fewer than
-  ``score.min_cells`` cells, or whose share parent fewer than ``min_parent_cells``, do not
-  count), or not significant (the reason gives p, q and the minimum detectable effect).
+* **Contrasts**: ``arm`` vs ``reference`` (optionally within one ``stage``); an ``interaction``
+  (the arm effect at one stage minus the arm effect at another); a ``synergy`` (a combination
+  arm against the additive expectation of its components, ``combo - A - B + reference``). Each
+  is one contrast vector of one model, so each row has one p-value.
+* **Design**: by default only the animals of the compared cells, each cell with its own residual
+  variance (Welch-Satterthwaite df); ``pool_arms`` adds the other arms' animals (still with
+  arm-specific variances), which only helps to estimate a batch effect. A recorded batch is
+  adjusted for where the contrast stays estimable; a batch confounded with arm makes the row
+  ``inconclusive`` ("batch confounded with arm"); a study without a batch column reads "no batch
+  recorded". Pairing comes only from the study file (``paired_by``): pairs seen in both arms get
+  a block; animals of a declared pair seen in one arm only are left out (noted); with fewer
+  complete pairs than ``min_samples_per_arm`` the row is tested unpaired (noted).
+* **Signatures** (primary method ``voom``): :func:`livermsc.geneset.signature_test` on the
+  population's pseudobulk counts (TMM, expression filter, voom weights); the effect is the
+  signature's log2 fold change. Other score methods (``sample_scores.tsv``) are tested with the
+  same design on their per-animal values (``claims_methods.tsv``, a sensitivity analysis).
+* **Shares**: the state's cells out of the parent's cells per animal in a quasi-binomial GLM
+  (Williams' extra-binomial variation); the effect is the log odds ratio. A sample counts when
+  its parent has ``min_parent_cells`` cells and the state's expected count there (parent cells x
+  the pooled share) reaches ``min_expected_count``.
 
-The test (see :func:`livermsc.stats.compare_arms`): a paired t-test when animals/donors appear
-in both arms; otherwise, by default, one OLS model ``value ~ arm + batch`` over the animals of
-every arm of the study (``pool_arms``; residual SD pooled over arms, batch dropped where it is
-confounded with the arms), or Welch's t-test on the two arms (``pool_arms: false``, no
-covariates). On simulated studies with 3 animals per arm this keeps the false-positive rate near
-0.02 and gives power about 0.9 for programme effects of 1.5 between-animal SDs
-(``livermsc calibrate``).
+Effects: Hedges' g is the estimate over the same model's residual SD (times J); its 95% CI
+inverts the noncentral t, the raw effect's CI is the t interval, so both agree with p.
+q-values are Benjamini-Hochberg within a study, separately for claims and controls
+(``alpha_test`` is the per-test alpha the step-up rule needed for the row); the minimum
+detectable effect is given at that alpha, in the unit of the effect and as g. Verdicts:
 
-q-values are Benjamini-Hochberg within a study, separately for claims and for controls. The
-verdict uses the score method ``claims.method`` (default ``pseudobulk_z``); every other computed
-method is reported in ``claims_methods.tsv`` as a sensitivity analysis. Shares are compared on
-the logit scale with a pseudo-count (``share_pseudocount`` cells).
+* ``supported`` / ``contradicted``: q < alpha, effect with / against the predicted direction;
+* ``no_effect``: not significant, and a TOST against the smallest effect of interest
+  (``sesoi_fold_change`` for signatures, ``sesoi_odds_ratio`` for shares, ``sesoi_g`` for
+  score methods without a natural unit) has its BH q below alpha;
+* ``inconclusive``: otherwise, with the reason (untestable, confounded, or underpowered).
+
+A claim row whose population x measure has a failed positive control in the same study (a
+tested control that is not ``supported``; for a population or a signature, when none of its
+tested controls is supported) carries a ``flag`` and the flag leads its reason.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,29 +60,34 @@ from livermsc.score import ALL, share_measure
 
 log = logging.getLogger("livermsc.claims")
 
-#: method of share rows, as in sample_scores.tsv (the test runs on the logit of the proportion)
+#: method of share rows, as in sample_scores.tsv (tested as counts, quasi-binomial)
 SHARE_METHOD = "proportion"
-CLAIM_COLUMNS = ["study", "claim_id", "kind", "statement", "contrast", "arm", "reference",
-                 "stage", "population", "measure_type", "measure", "method", "direction", "n_arm",
-                 "n_reference", "mean_arm", "mean_reference", "effect", "hedges_g", "ci_low",
-                 "ci_high", "p_value", "q_value", "mde", "paired", "verdict", "reason", "test",
-                 "population_level"]
+#: the primary signature method: voom on the pseudobulk counts (livermsc.geneset)
+VOOM = "voom"
+CLAIM_COLUMNS = ["study", "claim_id", "kind", "statement", "contrast", "contrast_type", "arm",
+                 "reference", "stage", "population", "population_level", "measure_type",
+                 "measure", "method", "direction", "n_arm", "n_reference", "mean_arm",
+                 "mean_reference", "effect", "effect_unit", "effect_ci_low", "effect_ci_high",
+                 "log2fc", "odds_ratio", "hedges_g", "ci_low", "ci_high", "g_var", "se", "df",
+                 "p_value", "q_value", "alpha_test", "mde", "mde_g", "sesoi", "p_equivalence",
+                 "q_equivalence", "paired", "batch", "n_genes_used", "genes_used",
+                 "marker_overlap", "verdict", "flag", "reason", "test", "notes"]
 KEY_COLUMNS = ["claim_id", "kind", "contrast", "arm", "reference", "stage", "population",
                "measure_type", "measure", "method", "direction"]
-META_COLUMNS = [*KEY_COLUMNS, "k", "studies", "hedges_g", "se", "ci_low", "ci_high", "p_value",
-                "q_value", "tau2", "i2", "q_stat", "q_p", "verdict", "reason"]
-
-DEFAULTS: dict[str, Any] = {
-    "catalogue": "seeds/claims.yaml", "method": "pseudobulk_z", "alpha": 0.05, "power": 0.8,
-    "min_samples_per_arm": 3, "min_parent_cells": 20, "covariates": ["batch"],
-    "pool_arms": True,
-    "share_pseudocount": 0.5,
-}
+META_COLUMNS = [*KEY_COLUMNS, "k", "studies", "effect_unit", "hedges_g", "se", "ci_low",
+                "ci_high", "pi_low", "pi_high", "p_value", "q_value", "tau2", "i2", "q_stat",
+                "q_p", "method_meta", "verdict", "reason"]
+VERDICTS = ("supported", "contradicted", "no_effect", "inconclusive")
 
 
 def claims_settings(cfg: Mapping | None) -> dict[str, Any]:
-    """Claims settings with defaults filled."""
-    return {**DEFAULTS, **dict(cfg or {})}
+    """Claims settings with the schema defaults (claims_config.schema.yaml) filled."""
+    try:
+        return validate(dict(cfg or {}), "claims_config", "config")
+    except ConfigError as err:
+        text = str(err).replace("field '(top level)'", "field 'claims'")
+        raise ConfigError(text.replace("field '", "field 'claims.").replace(
+            "field 'claims.claims'", "field 'claims'")) from None
 
 
 # --- catalogue ------------------------------------------------------------------------------------
@@ -88,6 +111,16 @@ def load_catalogue(path: str | Path, signatures: Iterable[str] | None = None) ->
                 raise ConfigError(f"{path}: field 'claims[{i}].measure.signature': '{sig}' of claim "
                                   f"'{claim['id']}' is not in the signatures file "
                                   f"(expected one of {sorted(known)})")
+        for j, contrast in enumerate(claim["contrasts"]):
+            where = f"{path}: field 'claims[{i}].contrasts[{j}]"
+            if contrast["type"] == "interaction" and len(set(contrast["levels"])) != 2:
+                raise ConfigError(f"{where}.levels': {contrast['levels']} (expected two different "
+                                  f"values of '{contrast.get('factor', 'stage')}')")
+            if contrast["type"] == "synergy":
+                arms = [contrast["arm"], contrast["reference"], *contrast["components"]]
+                if len(set(arms)) != 4:
+                    raise ConfigError(f"{where}': arm, reference and the two components must be "
+                                      f"four different arms (got {arms})")
     return doc
 
 
@@ -98,9 +131,9 @@ def check_config(config: Mapping) -> None:
 
     score_cfg = score_settings(config.get("score"))
     settings = claims_settings(config.get("claims"))
-    if settings["method"] not in score_cfg["methods"]:
+    if settings["method"] != VOOM and settings["method"] not in score_cfg["methods"]:
         raise ConfigError(f"config: field 'claims.method': '{settings['method']}' is not among "
-                          f"score.methods {score_cfg['methods']} (expected one of them)")
+                          f"score.methods {score_cfg['methods']} (expected one of them, or voom)")
     known = set(load_signatures(score_cfg["signatures"], "mouse")) | set(
         load_signatures(score_cfg["signatures"], "human"))
     load_catalogue(settings["catalogue"], known)
@@ -115,15 +148,53 @@ def measure_name(claim: Mapping) -> str:
     return share_measure(parent["level"], parent["value"])
 
 
+# --- contrasts ------------------------------------------------------------------------------------
+
+@dataclass
+class ContrastSpec:
+    """The cells a contrast compares and its weights on their means."""
+
+    type: str
+    arm: str
+    reference: str
+    stage: str                                   # the stage column of the table row
+    label: str
+    cells: dict[str, tuple[str, str]]            # cell -> (arm, stage or "")
+    weights: dict[str, float]
+    reference_cell: str
+    extra: list[str] = field(default_factory=list)   # pooled arms (weight 0)
+
+
+def contrast_spec(contrast: Mapping) -> ContrastSpec:
+    """Cells, weights and labels of a catalogue contrast."""
+    kind = contrast.get("type", "simple") or "simple"
+    arm, ref = str(contrast["arm"]), str(contrast["reference"])
+    if kind == "interaction":
+        s1, s2 = (str(s) for s in contrast["levels"])
+        cells = {f"{arm}@{s1}": (arm, s1), f"{ref}@{s1}": (ref, s1),
+                 f"{arm}@{s2}": (arm, s2), f"{ref}@{s2}": (ref, s2)}
+        weights = {f"{arm}@{s1}": 1.0, f"{ref}@{s1}": -1.0, f"{arm}@{s2}": -1.0,
+                   f"{ref}@{s2}": 1.0}
+        return ContrastSpec(kind, arm, ref, f"{s1} minus {s2}",
+                            f"{arm} vs {ref}: {s1} minus {s2} (interaction)", cells, weights,
+                            f"{ref}@{s2}")
+    stage = str(contrast.get("stage", "") or "")
+    if kind == "synergy":
+        a, b = (str(x) for x in contrast["components"])
+        names = [arm, a, b, ref]
+        cells = {x: (x, stage) for x in names}
+        weights = {arm: 1.0, a: -1.0, b: -1.0, ref: 1.0}
+        label = f"{arm} vs additive {a} + {b} - {ref} (synergy)" + (f" ({stage})" if stage else "")
+        return ContrastSpec(kind, arm, f"additive({a}+{b})", stage, label, cells, weights, ref)
+    label = f"{arm} vs {ref}" + (f" ({stage})" if stage else "")
+    return ContrastSpec("simple", arm, ref, stage, label, {arm: (arm, stage), ref: (ref, stage)},
+                        {arm: 1.0, ref: -1.0}, ref)
+
+
 # --- evaluation -----------------------------------------------------------------------------------
 
 def _fmt(x: float, digits: int = 3) -> str:
     return "NA" if x is None or not np.isfinite(x) else f"{x:.{digits}g}"
-
-
-def _arm_samples(info: pd.DataFrame, arm: str, stage: str) -> pd.DataFrame:
-    sel = info[info["arm"] == arm]
-    return sel[sel["stage"] == stage] if stage else sel
 
 
 def score_index(scores: pd.DataFrame) -> dict:
@@ -135,96 +206,346 @@ def score_index(scores: pd.DataFrame) -> dict:
             ["n_cells"].max().fillna(0).to_dict()}
 
 
-def evaluate_contrast(scores: pd.DataFrame, info: pd.DataFrame, coverage: pd.DataFrame,
-                      claim: Mapping, contrast: Mapping, method: str, settings: Mapping,
-                      min_genes: int, min_cells: int, index: dict | None = None) -> dict:
+@dataclass
+class StudyData:
+    """What every row of one study needs: sample info, indexed scores, counts, pairing."""
+
+    info: pd.DataFrame                      # sample -> animal, arm, batch, stage
+    index: dict
+    coverage: pd.DataFrame
+    batch_recorded: bool
+    pairs: Mapping[str, str] | None
+    pseudobulk: Any = None                  # AnnData of the score stage, or None
+    pb_rows: dict = field(default_factory=dict)
+    symbol_to_var: dict = field(default_factory=dict)
+    marker_overlap: Callable[[str, str, str], Sequence[str]] | None = None
+
+
+def _study_data(scores: pd.DataFrame, coverage: pd.DataFrame, pseudobulk: Any,
+                pairs: Mapping[str, str] | None, marker_overlap: Any) -> StudyData:
+    scores = scores.copy()
+    for col in ("stage", "batch"):
+        if col not in scores:
+            scores[col] = ""
+        scores[col] = scores[col].fillna("").astype(str)
+    scores["sample"] = scores["sample"].astype(str)
+    scores["animal"] = scores["animal"].fillna(scores["sample"]).astype(str)
+    info = scores[["sample", "animal", "arm", "batch", "stage"]].drop_duplicates("sample")
+    info = info.set_index("sample")
+    batch = info["batch"]
+    recorded = bool(((batch != "") & (batch != info.index.to_series())).any())
+    data = StudyData(info, score_index(scores), coverage, recorded, pairs,
+                     marker_overlap=marker_overlap)
+    if pseudobulk is not None:
+        obs = pseudobulk.obs
+        data.pseudobulk = pseudobulk
+        keys = list(zip(obs["population_level"].astype(str), obs["population"].astype(str),
+                        strict=True))
+        rows: dict = {}
+        for i, (key, sample) in enumerate(zip(keys, obs["sample"].astype(str), strict=True)):
+            rows.setdefault(key, {})[sample] = i
+        data.pb_rows = rows
+        cells = obs.assign(_n=pd.to_numeric(obs["n_cells"], errors="coerce").fillna(0))
+        for key, n in cells.groupby([obs["population_level"].astype(str),
+                                     obs["population"].astype(str)])["_n"].max().items():
+            data.index["pop_cells"][key] = max(n, data.index["pop_cells"].get(key, 0))
+        names = [str(v) for v in pseudobulk.var_names]
+        lookup = {n: n for n in names}
+        for col in ("symbol", "gene_symbols", "gene_symbol", "feature_name"):
+            if col in pseudobulk.var:
+                for name, sym in zip(names, pseudobulk.var[col].astype(str), strict=True):
+                    lookup.setdefault(sym, name)
+                break
+        data.symbol_to_var = lookup
+    return data
+
+
+def _base_row(claim: Mapping, spec: ContrastSpec, method: str) -> dict:
+    pop = claim["population"]
+    mtype = claim["measure"]["type"]
+    return {"claim_id": claim["id"], "kind": claim.get("kind", "claim"),
+            "statement": claim["statement"], "contrast": spec.label,
+            "contrast_type": spec.type, "arm": spec.arm, "reference": spec.reference,
+            "stage": spec.stage, "population": pop["value"], "population_level": pop["level"],
+            "measure_type": mtype, "measure": measure_name(claim),
+            "method": SHARE_METHOD if mtype == "share" else method,
+            "direction": claim["direction"], "n_arm": 0, "n_reference": 0, "paired": False,
+            "batch": "", "reason": "", "test": "", "notes": "", "flag": "",
+            "n_genes_used": np.nan, "genes_used": "", "marker_overlap": ""}
+
+
+def _units(samples: pd.DataFrame, spec: ContrastSpec) -> pd.DataFrame:
+    """Samples of the contrast's cells grouped into units (animal x cell)."""
+    parts = []
+    for cell, (arm, stage) in spec.cells.items():
+        sel = samples[(samples["arm"] == arm) & ((samples["stage"] == stage) if stage else True)]
+        parts.append(sel.assign(cell=cell))
+    for arm in spec.extra:
+        sel = samples[(samples["arm"] == arm) & ((samples["stage"] == spec.stage)
+                                                 if spec.stage else True)]
+        parts.append(sel.assign(cell=arm))
+    out = pd.concat(parts) if parts else samples.iloc[:0].assign(cell="")
+    out["unit"] = out["animal"].astype(str) + "|" + out["cell"].astype(str)
+    return out
+
+
+def _missing_cells(info: pd.DataFrame, spec: ContrastSpec) -> str:
+    arms = sorted(info["arm"].unique())
+    for arm, stage in dict.fromkeys(spec.cells.values()):
+        if arm not in arms:
+            return f"arm '{arm}' absent in study (arms: {', '.join(arms)})"
+        if stage and not ((info["arm"] == arm) & (info["stage"] == stage)).any():
+            stages = sorted(s for s in info.loc[info["arm"] == arm, "stage"].unique() if s)
+            return f"no '{arm}' samples at stage '{stage}' (stages: {', '.join(stages) or 'none'})"
+    return ""
+
+
+def _signature_genes(data: StudyData, measure: str) -> tuple[list[str], int, int]:
+    cov = data.coverage[data.coverage["signature"] == measure]
+    if cov.empty:
+        return [], 0, 0
+    found = str(cov["genes_found"].iloc[0]) if "genes_found" in cov else ""
+    genes = [g for g in found.split(",") if g and g != "nan"]
+    return genes, int(cov["n_found"].iloc[0]), int(cov["n_genes"].iloc[0])
+
+
+def evaluate_contrast(data: StudyData, claim: Mapping, contrast: Mapping, method: str,
+                      settings: Mapping, score_cfg: Mapping) -> dict:
     """Test one claim x contrast with one method; returns a claims-table row (no q/verdict yet).
 
     ``reason`` is set when the contrast cannot be tested (the row is then inconclusive)."""
-    arm, ref, stage = contrast["arm"], contrast["reference"], contrast.get("stage", "") or ""
-    pop = claim["population"]
-    mtype = claim["measure"]["type"]
-    measure = measure_name(claim)
-    row = {"claim_id": claim["id"], "kind": claim.get("kind", "claim"),
-           "statement": claim["statement"], "contrast": f"{arm} vs {ref}" + (f" ({stage})" if stage else ""),
-           "arm": arm, "reference": ref, "stage": stage, "population": pop["value"],
-           "population_level": pop["level"], "measure_type": mtype, "measure": measure,
-           "method": SHARE_METHOD if mtype == "share" else method,
-           "direction": claim["direction"], "n_arm": 0, "n_reference": 0, "paired": False,
-           "reason": "", "test": ""}
+    spec = contrast_spec(contrast)
+    row = _base_row(claim, spec, method)
+    info = data.info
     min_n = int(settings["min_samples_per_arm"])
-    arms = sorted(info["arm"].unique())
-    for a in (arm, ref):
-        if a not in arms:
-            row["reason"] = f"arm '{a}' absent in study (arms: {', '.join(arms)})"
-            return row
-        if stage and _arm_samples(info, a, stage).empty:
-            stages = sorted(s for s in info.loc[info["arm"] == a, "stage"].unique() if s)
-            row["reason"] = f"no '{a}' samples at stage '{stage}' (stages: {', '.join(stages) or 'none'})"
-            return row
+    min_genes, min_cells = int(score_cfg["min_genes"]), int(score_cfg["min_cells"])
+    pop = claim["population"]
+    mtype = row["measure_type"]
+    measure = row["measure"]
+    row["reason"] = _missing_cells(info, spec)
+    if row["reason"]:
+        return row
+    if settings["pool_arms"] and spec.type == "simple" and mtype == "signature":
+        spec.extra = sorted(set(info["arm"]) - {spec.arm, spec.reference})
+    genes: list[str] = []
+    extra: list[str] = []
     if mtype == "signature":
-        cov = coverage[coverage["signature"] == measure]
-        if cov.empty or int(cov["n_found"].iloc[0]) < min_genes:
-            n_found = int(cov["n_found"].iloc[0]) if not cov.empty else 0
-            n_genes = int(cov["n_genes"].iloc[0]) if not cov.empty else 0
+        genes, n_found, n_genes = _signature_genes(data, measure)
+        if n_found < min_genes:
             row["reason"] = (f"signature coverage too low: {n_found} of {n_genes} genes of "
                              f"'{measure}' found (min_genes {min_genes})")
             return row
-    index = index if index is not None else score_index(scores)
-    key = (pop["level"], pop["value"], mtype, measure,
-           SHARE_METHOD if mtype == "share" else method)
-    sel = index["rows"].get(key, scores.iloc[:0])
-    # every arm's samples (of the stage) stay: with pool_arms the model pools all arms
-    sel = sel[sel["sample"].isin(info.loc[info["stage"] == stage, "sample"] if stage
-                                 else info["sample"])]
-    if index["pop_cells"].get((pop["level"], pop["value"]), 0) == 0:
+        if data.marker_overlap is not None:
+            overlap = data.marker_overlap(pop["level"], pop["value"], measure)
+            row["marker_overlap"] = ",".join(overlap)
+    if data.index["pop_cells"].get((pop["level"], pop["value"]), 0) == 0:
         row["reason"] = f"population {pop['level']} '{pop['value']}' absent in study"
         return row
-    if sel.empty:
+    use_counts = mtype == "signature" and method == VOOM
+    key = (pop["level"], pop["value"], mtype, measure, SHARE_METHOD if mtype == "share" else method)
+    sel = data.index["rows"].get(key)
+    if use_counts and data.pseudobulk is None:
+        row["reason"] = "no pseudobulk counts given: the voom signature test cannot run"
+        return row
+    if not use_counts and sel is None:
         row["reason"] = (f"no '{row['method']}' values of '{measure}' for {pop['level']} "
                          f"'{pop['value']}' in the score table")
         return row
-    if sel.loc[sel["arm"].isin([arm, ref]), "n_cells"].fillna(0).sum() == 0:
-        row["reason"] = (f"population {pop['level']} '{pop['value']}' has no cells in the "
-                         f"{arm} and {ref} samples")
-        return row
-    sel = sel.copy()
+    samples = info.reset_index()
+    units = _units(samples, spec)
+    # per-sample measurements
     if mtype == "share":
-        small = ~(sel["n_parent_cells"] >= int(settings["min_parent_cells"]))
-        sel["value"] = stats.logit_share(sel["n_cells"], sel["n_parent_cells"],
-                                         float(settings["share_pseudocount"]))
-        threshold = f"{int(settings['min_parent_cells'])} parent cells"
+        vals = sel.drop_duplicates("sample").set_index("sample")
+        units["n"] = vals["n_cells"].reindex(units["sample"]).fillna(0).to_numpy(float)
+        units["N"] = vals["n_parent_cells"].reindex(units["sample"]).fillna(0).to_numpy(float)
+    elif use_counts:
+        pb_rows = data.pb_rows.get((pop["level"], pop["value"]), {})
+        units["pb"] = [pb_rows.get(s, -1) for s in units["sample"]]
+        n_cells = data.pseudobulk.obs["n_cells"].to_numpy(float)
+        units["n_cells"] = [n_cells[i] if i >= 0 else 0.0 for i in units["pb"]]
     else:
-        small = ~(sel["n_cells"] >= min_cells)
+        vals = sel.drop_duplicates("sample").set_index("sample")
+        units["value"] = vals["value"].reindex(units["sample"]).to_numpy(float)
+        units["n_cells"] = vals["n_cells"].reindex(units["sample"]).fillna(0).to_numpy(float)
+    if mtype != "share" and units["n_cells"].sum() == 0:
+        row["reason"] = (f"population {pop['level']} '{pop['value']}' has no cells in the "
+                         f"compared samples")
+        return row
+    agg = units.groupby("unit", sort=True)
+    table = pd.DataFrame({"cell": agg["cell"].first(), "animal": agg["animal"].first(),
+                          "batch": agg["batch"].first(), "first": agg["sample"].first(),
+                          "samples": agg["sample"].agg(list)})
+    notes: list[str] = []
+    if mtype == "share":
+        table["n"], table["N"] = agg["n"].sum(), agg["N"].sum()
+        ok = table["N"] >= int(settings["min_parent_cells"])
+        share = table.loc[ok, "n"].sum() / max(table.loc[ok, "N"].sum(), 1)
+        expected_ok = table["N"] * share >= float(settings["min_expected_count"])
+        threshold = (f"{int(settings['min_parent_cells'])} parent cells or an expected "
+                     f"{settings['min_expected_count']:g} state cells (pooled share "
+                     f"{share:.3g})")
+        ok &= expected_ok
+    elif use_counts:
+        table["n_cells"] = agg["n_cells"].sum()
+        ok = table["n_cells"] >= min_cells
         threshold = f"{min_cells} cells"
-    sel.loc[small, "value"] = np.nan
-    res = stats.compare_arms(sel, arm, ref, covariates=settings.get("covariates", []),
-                             alpha=float(settings["alpha"]), power=float(settings["power"]),
-                             min_n=min_n, pool_arms=bool(settings["pool_arms"]))
-    row.update({k: v for k, v in res.as_dict().items() if k not in ("g_var", "notes")})
-    row["test"] = res.test + (f" on logit share (pseudo-count {settings['share_pseudocount']})"
-                              if mtype == "share" else "")
-    if res.notes:
-        row["test"] += f" [{'; '.join(res.notes)}]"
-    if min(res.n_arm, res.n_reference) < min_n or not np.isfinite(res.p_value):
-        usable = set(sel.loc[np.isfinite(sel["value"].astype(float)), "sample"])
-        n_all = {a: _arm_samples(info, a, stage)["sample"] for a in (arm, ref)}
-        n_small = {a: int((~s.isin(usable)).sum()) for a, s in n_all.items()}
-        if res.paired:
-            base = f"too few animals with samples in both arms: {res.n_arm} (min {min_n})"
+    else:
+        good = units[(units["n_cells"] >= min_cells) & np.isfinite(units["value"])]
+        means = good.groupby("unit")["value"].mean()
+        table["value"] = means.reindex(table.index)
+        table["n_cells"] = agg["n_cells"].sum()
+        ok = np.isfinite(table["value"])
+        threshold = f"{min_cells} cells"
+    n_before = table.groupby("cell").size()
+    table = table[ok].copy()
+    # pairing: declared only
+    pairs = None
+    if data.pairs is not None:
+        table["pair"] = [str(data.pairs.get(s, "")) for s in table["first"]]
+        cells_per_pair = table.groupby("pair")["cell"].nunique()
+        complete = cells_per_pair[cells_per_pair >= 2].index
+        paired = table[table["pair"].isin(complete)]
+        counts = paired.groupby("cell").size().reindex(list(spec.cells), fill_value=0)
+        if len(complete) and counts.min() >= min_n:
+            dropped = len(table) - len(paired)
+            if dropped:
+                notes.append(f"{dropped} animal(s) of a declared pair seen in one compared "
+                             "arm only left out of the paired test")
+            table = paired
+            pairs = table["pair"].tolist()
         else:
-            base = (f"too few samples per arm: {res.n_arm} {arm} vs {res.n_reference} {ref} "
-                    f"animals (min {min_n})")
-        if min(res.n_arm, res.n_reference) >= min_n:
-            row["reason"] = "no variation between animals: the test is undefined"
-        elif any(n_small.values()):
-            detail = " and ".join(f"{n_small[a]} of {len(n_all[a])} {a}" for a in (arm, ref)
-                                  if n_small[a])
+            notes.append(f"pairing declared but only {len(complete)} complete pair(s) "
+                         f"(min {min_n}): tested unpaired")
+    else:
+        shared = table.groupby("animal")["cell"].nunique()
+        if (shared >= 2).any():
+            notes.append("animal ids recur across the compared arms but no pairing is declared "
+                         "(study field paired_by): tested unpaired")
+    n_cell = table.groupby("cell").size().reindex(list(spec.cells), fill_value=0)
+    pos = [c for c, w in spec.weights.items() if w > 0]
+    neg = [c for c, w in spec.weights.items() if w < 0]
+    row["n_arm"], row["n_reference"] = int(n_cell[pos].sum()), int(n_cell[neg].sum())
+    row["paired"] = pairs is not None
+    if mtype == "share":
+        for side, cells in (("mean_arm", pos), ("mean_reference", neg)):
+            sub = table[table["cell"].isin(cells)]
+            row[side] = float(sub["n"].sum() / sub["N"].sum()) if sub["N"].sum() else np.nan
+    elif not use_counts:
+        for side, cells in (("mean_arm", pos), ("mean_reference", neg)):
+            row[side] = float(table.loc[table["cell"].isin(cells), "value"].mean()) \
+                if table["cell"].isin(cells).any() else np.nan
+    if n_cell.min() < min_n:
+        small = {c: int(n_before.get(c, 0) - n_cell[c]) for c in spec.cells}
+        base = ("too few samples per arm: " + " vs ".join(f"{n_cell[c]} {c}" for c in spec.cells)
+                + f" animals (min {min_n})")
+        if any(small.values()):
+            detail = " and ".join(f"{small[c]} of {int(n_before.get(c, 0))} {c}"
+                                  for c in spec.cells if small[c])
             row["reason"] = (f"population {pop['value']} too small: fewer than {threshold} in "
                              f"{detail} samples; {base}")
         else:
             row["reason"] = base
+        row["notes"] = "; ".join(notes)
+        return row
+    batch = table["batch"].tolist() if data.batch_recorded and settings["adjust_batch"] else None
+    design = stats.build_design(table["cell"].tolist(), spec.weights, spec.reference_cell,
+                                batch=batch, pairs=pairs, index=table.index.tolist())
+    row["batch"] = design.batch if settings["adjust_batch"] or not data.batch_recorded \
+        else "not adjusted (adjust_batch: false)"
+    notes += design.notes
+    if design.reason:
+        row["reason"] = design.reason
+        row["notes"] = "; ".join(notes)
+        return row
+    terms = ["cell", *(["pair"] if design.paired else []),
+             *(["batch"] if design.batch == "adjusted" else [])]
+    model = f"~ {' + '.join(terms)} on {len(table)} animals"
+    if spec.extra:
+        model += f" ({len(spec.cells) + len(spec.extra)} arms pooled)"
+    group_var = settings["variance"] == "group"
+    variance_text = "cell-specific residual variances" if group_var else "pooled residual variance"
+    if use_counts:
+        fit, extra = _voom_fit(data, table, design, genes, group_var, score_cfg, min_genes, pos,
+                               neg, row)
+        notes += extra
+        row["test"] = f"voom signature test {model}, {variance_text}"
+        row["effect_unit"] = "log2 fold change"
+        bound = math.log2(float(settings["sesoi_fold_change"]))
+    elif mtype == "share":
+        fit = stats.quasibinomial_test(table["n"].to_numpy(float), table["N"].to_numpy(float),
+                                       design)
+        row["test"] = (f"quasi-binomial GLM (Williams) {model}, phi {_fmt(fit.phi, 2)}, "
+                       f"df {_fmt(fit.df, 3)}")
+        row["effect_unit"] = "log odds ratio"
+        bound = math.log(float(settings["sesoi_odds_ratio"]))
+    else:
+        fit = stats.linear_contrast(table["value"].to_numpy(float), design, group_var)
+        row["test"] = f"OLS on {method} scores {model}, {variance_text}"
+        row["effect_unit"] = f"{method} score difference"
+        bound = float(settings["sesoi_g"]) * fit.sigma if np.isfinite(fit.sigma) else np.nan
+    notes += fit.notes
+    row["notes"] = "; ".join(dict.fromkeys(notes))
+    _fill_effects(row, fit, bound)
+    if not np.isfinite(row["p_value"]):
+        why = [n for n in (extra if use_counts else fit.notes)
+               if "not tested" in n or "no residual" in n or "without counts" in n
+               or "undefined" in n or "did not converge" in n]
+        kept = [n for n in extra if "kept by the expression filter" in n]
+        row["reason"] = ("; ".join([*kept[-1:], why[-1]]) if why else
+                         "no variation between animals: the test is undefined")
     return row
+
+
+def _voom_fit(data: StudyData, table: pd.DataFrame, design: stats.Design, genes: Sequence[str],
+              group_var: bool, score_cfg: Mapping, min_genes: int, pos: Sequence[str],
+              neg: Sequence[str], row: dict) -> tuple[stats.ContrastFit, list[str]]:
+    """Pseudobulk counts of the units (samples of one animal summed) through signature_test."""
+    # imported on first use: livermsc.geneset loads pyedger/pylimma (about 2 s)
+    from livermsc.geneset import signature_test
+
+    pb = data.pseudobulk
+    layer = pb.layers["counts"] if "counts" in pb.layers else pb.X
+    pb_rows = data.pb_rows[(row["population_level"], row["population"])]
+    cols = {}
+    for unit, samples in zip(table.index, table["samples"], strict=True):
+        sub = layer[[pb_rows[s] for s in samples if s in pb_rows]]
+        sub = sub.toarray() if hasattr(sub, "toarray") else np.asarray(sub)
+        cols[unit] = sub.sum(axis=0)
+    var_names = [str(v) for v in pb.var_names]
+    counts = pd.DataFrame(cols, index=var_names)
+    var_genes = list(dict.fromkeys(data.symbol_to_var[g] for g in genes if g in data.symbol_to_var))
+    kwargs = {k: float(score_cfg[k]) for k in ("min_count", "min_total_count") if k in score_cfg}
+    res = signature_test(counts, design.X, list(design.contrast), var_genes,
+                         group=design.cells, min_genes=min_genes,
+                         variance="group" if group_var else "pooled", **kwargs)
+    row["n_genes_used"] = int(res.n_genes_used)
+    back = {v: s for s, v in data.symbol_to_var.items() if s in set(genes)}
+    row["genes_used"] = ",".join(back.get(g, g) for g in res.genes_used)
+    scores = res.sample_scores
+    cells = pd.Series(design.cells, index=design.X.index)
+    for side, which in (("mean_arm", pos), ("mean_reference", neg)):
+        sel = scores[cells.isin(which).reindex(scores.index).fillna(False).to_numpy()]
+        row[side] = float(sel.mean()) if len(sel) else np.nan
+    fit = stats.ContrastFit(res.estimate, res.se, res.df, res.t, res.p_value, res.sigma,
+                            res.se / res.sigma if res.sigma and np.isfinite(res.sigma) else np.nan)
+    return fit, list(res.notes)
+
+
+def _fill_effects(row: dict, fit: stats.ContrastFit, bound: float) -> None:
+    """Effect, its t interval, g with its noncentral-t interval, TOST p (all from one fit)."""
+    row["effect"], row["se"], row["df"], row["p_value"] = fit.estimate, fit.se, fit.df, fit.p_value
+    row["effect_ci_low"], row["effect_ci_high"] = stats.t_ci(fit.estimate, fit.se, fit.df)
+    row["log2fc"] = fit.estimate if row.get("effect_unit") == "log2 fold change" else np.nan
+    row["odds_ratio"] = (math.exp(fit.estimate) if row["measure_type"] == "share"
+                         and np.isfinite(fit.estimate) else np.nan)
+    j = stats.hedges_j(fit.df) if np.isfinite(fit.df) else np.nan
+    row["_factor"], row["_sigma"], row["_j"] = fit.factor, fit.sigma, j
+    if np.isfinite(fit.sigma) and fit.sigma > 0:
+        row["hedges_g"] = fit.estimate / fit.sigma * j
+        row["ci_low"], row["ci_high"] = stats.g_interval(fit.t, fit.df, fit.factor, j)
+        row["g_var"] = stats.g_variance(row["hedges_g"], fit.factor * j, fit.df)
+    row["sesoi"] = bound
+    row["p_equivalence"] = stats.tost(fit.estimate, fit.se, fit.df, bound)
 
 
 def _verdict(row: Mapping, alpha: float) -> tuple[str, str]:
@@ -233,71 +554,156 @@ def _verdict(row: Mapping, alpha: float) -> tuple[str, str]:
     q, effect = row["q_value"], row["effect"]
     predicted = 1 if row["direction"] == "up" else -1
     observed = "up" if effect > 0 else "down"
+    unit = row.get("effect_unit", "")
     if np.isfinite(q) and q < alpha and np.sign(effect) == predicted:
         return "supported", f"q = {_fmt(q, 2)} < {alpha}; {observed} as predicted"
     if np.isfinite(q) and q < alpha and effect != 0:
         return "contradicted", f"q = {_fmt(q, 2)} < {alpha}; {observed}, opposite to the prediction"
+    qe = row.get("q_equivalence", np.nan)
+    if np.isfinite(qe) and qe < alpha:
+        return "no_effect", (f"not significant (q = {_fmt(q, 2)}); equivalence test: the {unit} "
+                             f"lies within +/-{_fmt(row['sesoi'], 2)} (TOST q = {_fmt(qe, 2)})")
     n = f"{row['n_arm']} pairs" if row["paired"] else f"{row['n_arm']} vs {row['n_reference']} animals"
-    return "inconclusive", (f"not significant (p = {_fmt(row['p_value'], 2)}, q = {_fmt(q, 2)} >= "
-                            f"{alpha}; g = {_fmt(row['hedges_g'], 2)}); minimum detectable effect at "
-                            f"{n} is g = +/-{_fmt(row['mde'], 2)}")
+    return "inconclusive", (
+        f"not significant (p = {_fmt(row['p_value'], 2)}, q = {_fmt(q, 2)} >= {alpha}; "
+        f"{unit} {_fmt(effect, 2)}, g = {_fmt(row['hedges_g'], 2)}); minimum detectable effect at "
+        f"{n} and the BH per-test alpha {_fmt(row['alpha_test'], 2)} is +/-{_fmt(row['mde'], 2)} "
+        f"({unit}; g = +/-{_fmt(row['mde_g'], 2)})")
 
 
-def add_verdicts(table: pd.DataFrame, alpha: float, families: Sequence[str] = ("kind",)
-                 ) -> pd.DataFrame:
-    """Benjamini-Hochberg q-values within each family and the verdict of every row."""
+def add_verdicts(table: pd.DataFrame, alpha: float, power: float,
+                 families: Sequence[str] = ("kind",)) -> pd.DataFrame:
+    """BH q-values (effect and equivalence) within each family, the per-test alpha and MDE at
+    it, and the verdict of every row."""
     table = table.copy()
-    table["q_value"] = np.nan
+    for col in ("q_value", "q_equivalence", "alpha_test", "mde", "mde_g"):
+        table[col] = np.nan
     if table.empty:
         table["verdict"] = []
         return table
-    tested = table["reason"].fillna("") == ""
+    tested = (table["reason"].fillna("") == "") & np.isfinite(table["p_value"].astype(float))
     for _, idx in table[tested].groupby(list(families), observed=True).groups.items():
-        table.loc[idx, "q_value"] = stats.bh(table.loc[idx, "p_value"].to_numpy(float))
+        p = table.loc[idx, "p_value"].to_numpy(float)
+        table.loc[idx, "q_value"] = stats.bh(p)
+        table.loc[idx, "alpha_test"] = stats.bh_alpha(p, alpha)
+        table.loc[idx, "q_equivalence"] = stats.bh(table.loc[idx, "p_equivalence"].to_numpy(float))
+    for i in table.index[tested]:
+        r = table.loc[i]
+        table.loc[i, "mde"] = stats.mde_effect(r["se"], r["df"], r["alpha_test"], power)
+        if np.isfinite(r.get("_sigma", np.nan)):
+            table.loc[i, "mde_g"] = table.loc[i, "mde"] / r["_sigma"] * r["_j"]
     out = [_verdict(r, alpha) for r in table.to_dict("records")]
     table["verdict"] = [v for v, _ in out]
     table["reason"] = [r for _, r in out]
     return table
 
 
+# --- controls gate claims -------------------------------------------------------------------------
+
+def gate_by_controls(table: pd.DataFrame) -> pd.DataFrame:
+    """Flag claim rows whose population x measure failed its positive control in this study.
+
+    A control fails when it was tested and is not ``supported``. A claim row is flagged by a
+    failed control of the same population and measure, and by a population (or a signature)
+    whose tested controls all failed. The flag leads the row's reason; the verdict stays."""
+    table = table.copy()
+    table["flag"] = table["flag"].fillna("").astype(str) if "flag" in table else ""
+    ctl = table[(table["kind"] == "control")]
+    tested = ctl[np.isfinite(ctl["p_value"].astype(float))]
+    if tested.empty:
+        return table
+    failed_exact: dict[tuple, list[str]] = {}
+    pop_all: dict[tuple, list[bool]] = {}
+    pop_ids: dict[tuple, list[str]] = {}
+    sig_all: dict[str, list[bool]] = {}
+    sig_ids: dict[str, list[str]] = {}
+    for c in tested.to_dict("records"):
+        pop = (c["population_level"], c["population"])
+        failed = c["verdict"] != "supported"
+        if failed:
+            failed_exact.setdefault((*pop, c["measure"]), []).append(
+                f"control {c['claim_id']} ({c['contrast']}) {c['verdict']}")
+        pop_all.setdefault(pop, []).append(failed)
+        pop_ids.setdefault(pop, []).append(c["claim_id"])
+        if c["measure_type"] == "signature":
+            sig_all.setdefault(c["measure"], []).append(failed)
+            sig_ids.setdefault(c["measure"], []).append(c["claim_id"])
+    flags, reasons = table["flag"].tolist(), table["reason"].tolist()
+    for i, r in enumerate(table.to_dict("records")):
+        if r["kind"] != "claim":
+            continue
+        pop = (r["population_level"], r["population"])
+        why = list(failed_exact.get((*pop, r["measure"]), []))
+        if not why and pop in pop_all and all(pop_all[pop]):
+            why.append(f"every control of {r['population']} failed "
+                       f"({', '.join(dict.fromkeys(pop_ids[pop]))})")
+        if not why and r["measure_type"] == "signature" and all(sig_all.get(r["measure"], [False])):
+            why.append(f"every control of signature {r['measure']} failed "
+                       f"({', '.join(dict.fromkeys(sig_ids[r['measure']]))})")
+        if why:
+            flags[i] = "failed control: " + "; ".join(why)
+            reasons[i] = f"FLAGGED ({flags[i]}): {r['reason']}"
+    table["flag"], table["reason"] = flags, reasons
+    return table
+
+
+# --- the study ------------------------------------------------------------------------------------
+
 def evaluate_study(scores: pd.DataFrame, coverage: pd.DataFrame, catalogue: Mapping, study: str,
-                   settings: Mapping | None = None, score_cfg: Mapping | None = None
+                   settings: Mapping | None = None, score_cfg: Mapping | None = None,
+                   pseudobulk: Any = None, pairs: Mapping[str, str] | None = None,
+                   marker_overlap: Callable[[str, str, str], Sequence[str]] | None = None,
                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """All claims x contrasts of a study: (verdict table with the primary method, all methods)."""
+    """All claims x contrasts of a study: (verdict table with the primary method, all methods).
+
+    ``scores``/``coverage``: the score stage's ``sample_scores.tsv`` and
+    ``signature_coverage.tsv``; ``pseudobulk``: its ``pseudobulk.h5ad`` (AnnData; needed by the
+    primary method ``voom``); ``pairs``: sample -> pair id from the study's declared
+    ``paired_by`` column (None: unpaired); ``marker_overlap(level, population, signature)``: the
+    signature's genes that are also markers defining the population (column ``marker_overlap``;
+    :func:`marker_overlap_from_panel` builds it from the cell-type panel).
+    """
     from livermsc.score import score_settings
 
     settings = claims_settings(settings)
     score_cfg = score_settings(score_cfg)
     method = settings["method"]
-    methods = [m for m in score_cfg["methods"] if m in set(scores["method"])] or [method]
-    if method not in score_cfg["methods"]:
+    if method != VOOM and method not in score_cfg["methods"]:
         raise ConfigError(f"config: field 'claims.method': '{method}' is not computed by the "
                           f"score stage (score.methods: {score_cfg['methods']})")
-    scores = scores.copy()
-    scores["stage"] = scores["stage"].fillna("").astype(str) if "stage" in scores else ""
-    info = scores[["sample", "animal", "arm", "stage"]].drop_duplicates("sample")
-    index = score_index(scores)
+    present = set(scores["method"]) if "method" in scores else set()
+    others = [m for m in score_cfg["methods"] if m in present and m != method]
+    data = _study_data(scores, coverage, pseudobulk, pairs, marker_overlap)
     rows = []
     for claim in catalogue["claims"]:
         for contrast in claim["contrasts"]:
-            use = [method] if claim["measure"]["type"] == "share" else [
-                method, *[m for m in methods if m != method]]
+            use = [method] if claim["measure"]["type"] == "share" else [method, *others]
             for m in use:
-                row = evaluate_contrast(scores, info, coverage, claim, contrast, m, settings,
-                                        int(score_cfg["min_genes"]), int(score_cfg["min_cells"]),
-                                        index)
+                row = evaluate_contrast(data, claim, contrast, m, settings, score_cfg)
                 row["primary"] = m == method
                 rows.append(row)
     table = pd.DataFrame(rows)
     table["study"] = study
-    for col in CLAIM_COLUMNS:
+    for col in [*CLAIM_COLUMNS, "_factor", "_sigma", "_j"]:
         if col not in table:
             table[col] = np.nan
-    alpha = float(settings["alpha"])
-    all_methods = add_verdicts(table, alpha, families=("kind", "method"))
-    primary = add_verdicts(table[table["primary"]], alpha, families=("kind",))
-    return (primary[CLAIM_COLUMNS].reset_index(drop=True),
-            all_methods[CLAIM_COLUMNS].reset_index(drop=True))
+    alpha, power = float(settings["alpha"]), float(settings["power"])
+    # every method's family: its signature rows plus the share rows (tested once, as counts),
+    # so that the primary method's rows of claims_methods.tsv equal claims.tsv
+    share = table["measure_type"] == "share"
+    parts = []
+    for m in dict.fromkeys(table.loc[~share, "method"]):
+        fam = table[(table["method"] == m) | share]
+        done = gate_by_controls(add_verdicts(fam, alpha, power, families=("kind",)))
+        parts.append(done[done["method"] == m] if m != method else done)
+    if not parts:
+        parts = [gate_by_controls(add_verdicts(table, alpha, power, families=("kind",)))]
+    all_methods = pd.concat(parts).sort_index()
+    primary = gate_by_controls(add_verdicts(table[table["primary"]], alpha, power,
+                                            families=("kind",)))
+    primary = primary[CLAIM_COLUMNS]
+    all_methods = all_methods[CLAIM_COLUMNS]
+    return primary.reset_index(drop=True), all_methods.reset_index(drop=True)
 
 
 # --- summary --------------------------------------------------------------------------------------
@@ -310,35 +716,62 @@ def _md_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _effect_text(r: Mapping) -> str:
+    if not np.isfinite(r.get("effect", np.nan)):
+        return "NA"
+    if r["measure_type"] == "share":
+        return (f"OR {_fmt(r['odds_ratio'], 2)} [{_fmt(math.exp(r['effect_ci_low']), 2)}, "
+                f"{_fmt(math.exp(r['effect_ci_high']), 2)}]")
+    unit = "log2FC" if r.get("effect_unit") == "log2 fold change" else "diff"
+    return (f"{unit} {_fmt(r['effect'], 2)} [{_fmt(r['effect_ci_low'], 2)}, "
+            f"{_fmt(r['effect_ci_high'], 2)}]")
+
+
 def summary_markdown(table: pd.DataFrame, methods: pd.DataFrame, study: str,
                      settings: Mapping) -> str:
     """A readable summary of a study's verdicts, leading with the verdict table."""
     settings = claims_settings(settings)
+    recs = table.to_dict("records")
     show = pd.DataFrame({
         "claim": table["claim_id"], "kind": table["kind"], "contrast": table["contrast"],
         "population": table["population"], "measure": table["measure"],
         "predicted": table["direction"],
+        "effect [95% CI]": [_effect_text(r) for r in recs],
         "g [95% CI]": [f"{_fmt(g, 2)} [{_fmt(lo, 2)}, {_fmt(hi, 2)}]" for g, lo, hi in
                        zip(table["hedges_g"], table["ci_low"], table["ci_high"], strict=True)],
         "n": [f"{a}+{b}" + (" paired" if p else "") for a, b, p in
               zip(table["n_arm"], table["n_reference"], table["paired"], strict=True)],
         "q": [_fmt(q, 2) for q in table["q_value"]],
-        "verdict": table["verdict"], "reason": table["reason"]})
+        "verdict": [v + (" (flagged)" if isinstance(f, str) and f else "")
+                    for v, f in zip(table["verdict"], table["flag"], strict=True)],
+        "reason": table["reason"]})
     counts = table.groupby(["kind", "verdict"]).size().rename("n").reset_index()
+    pool = ("the animals of the compared arms only" if not settings["pool_arms"] else
+            "the animals of every arm (arm-specific variances)")
     parts = [f"# Claims tested in study `{study}`", "", _md_table(show), "",
              "## Verdict counts", "", _md_table(counts), "",
              "## How these verdicts were reached", "",
-             f"- Unit of replication: the animal/donor (samples of one animal averaged); "
-             f"verdict method `{settings['method']}`; shares as logit proportions with a "
-             f"pseudo-count of {settings['share_pseudocount']} cells.",
-             f"- Paired t-test where animals appear in both arms; otherwise "
-             f"{'OLS over the animals of all arms (arm as a factor)' if settings['pool_arms'] else 'Welch t-test or OLS on the two arms'}"
-             f"{', adjusted for ' + ', '.join(settings['covariates']) + ' where not confounded' if settings['covariates'] else ''} "
-             f"(the `test` column names the test of each row); "
-             f"Benjamini-Hochberg q-values within the study, claims and controls separately; "
-             f"alpha {settings['alpha']}; at least {settings['min_samples_per_arm']} animals per arm.",
+             f"- Unit of replication: the animal/donor (samples of one animal summed or "
+             f"averaged). Signatures: method `{settings['method']}` "
+             f"(voom: TMM, expression filter, precision weights; effect = log2 fold change of "
+             f"the signature). Shares: quasi-binomial GLM of state cells out of parent cells "
+             f"(effect = odds ratio; a sample counts with >= {settings['min_parent_cells']} "
+             f"parent cells and an expected {settings['min_expected_count']} state cells).",
+             f"- One model per row on {pool}, "
+             f"{'each arm with its own residual variance' if settings['variance'] == 'group' else 'one pooled residual variance'}; "
+             "batch adjusted where recorded and not confounded with arm (the `batch` column); "
+             "pairing only where the study declares it (`paired_by`). Interaction and synergy "
+             "rows are single contrasts of one model.",
+             f"- Benjamini-Hochberg q-values within the study, claims and controls separately; "
+             f"alpha {settings['alpha']}; the minimum detectable effect is at the per-test alpha "
+             f"BH needs for the row (`alpha_test`) and power {settings['power']}; at least "
+             f"{settings['min_samples_per_arm']} animals per arm.",
              "- `supported`/`contradicted`: q < alpha with the effect in / against the predicted "
-             "direction; `inconclusive` otherwise, with the reason.", ""]
+             "direction; `no_effect`: an equivalence test (TOST, BH-adjusted) excludes effects "
+             f"beyond {settings['sesoi_fold_change']}-fold (signatures) or an odds ratio of "
+             f"{settings['sesoi_odds_ratio']} (shares); `inconclusive` otherwise, with the "
+             "reason. `(flagged)`: a positive control of the same population or measure failed "
+             "in this study.", ""]
     if not methods.empty:
         agree = methods.pivot_table(index=["claim_id", "contrast"], columns="method",
                                     values="verdict", aggfunc="first").reset_index()
@@ -349,49 +782,88 @@ def summary_markdown(table: pd.DataFrame, methods: pd.DataFrame, study: str,
 # --- across studies -------------------------------------------------------------------------------
 
 def meta_analysis(tables: Sequence[pd.DataFrame], alpha: float = 0.05) -> pd.DataFrame:
-    """DerSimonian-Laird pooling of Hedges' g per claim x contrast across studies."""
+    """Random-effects pooling of Hedges' g per claim x contrast across studies.
+
+    g is the one unit: every study standardises by the residual SD of its own model of the
+    same contrast. REML tau^2 with Hartung-Knapp intervals (and a prediction interval from 3
+    studies). One study: its own verdict stands. Two studies: descriptive pooling only
+    (estimate and interval, verdict inconclusive). BH runs over the rows with >= 2 studies;
+    verdicts need >= 3."""
     if not tables:
         return pd.DataFrame(columns=META_COLUMNS)
     allrows = pd.concat(tables, ignore_index=True)
     allrows["stage"] = allrows["stage"].fillna("")
+    if "g_var" not in allrows:
+        se = (allrows["ci_high"] - allrows["ci_low"]) / (2 * stats.Z95)
+        allrows["g_var"] = se ** 2
     rows, single = [], {}
     for key, grp in allrows.groupby(KEY_COLUMNS, sort=False, dropna=False):
-        se = (grp["ci_high"] - grp["ci_low"]) / (2 * stats.Z95)
-        ok = np.isfinite(grp["hedges_g"]) & np.isfinite(se) & (se > 0)
-        res = stats.dersimonian_laird(grp.loc[ok, "hedges_g"], se[ok] ** 2)
-        if res.k == 1:  # nothing to pool: the study's own sample-level test stands
-            single[len(rows)] = grp.loc[ok].iloc[0]
+        g, v = grp["hedges_g"].astype(float), grp["g_var"].astype(float)
+        ok = np.isfinite(g) & np.isfinite(v) & (v > 0) & np.isfinite(grp["p_value"].astype(float))
+        res = stats.meta_reml_hk(g[ok], v[ok])
         row = dict(zip(KEY_COLUMNS, key, strict=True))
         row.update({"k": res.k, "studies": ",".join(grp.loc[ok, "study"].astype(str)),
-                    "hedges_g": res.estimate, "se": res.se, "ci_low": res.ci_low,
-                    "ci_high": res.ci_high, "p_value": res.p_value, "tau2": res.tau2,
-                    "i2": res.i2, "q_stat": res.q, "q_p": res.q_p,
+                    "effect_unit": "hedges_g", "hedges_g": res.estimate, "se": res.se,
+                    "ci_low": res.ci_low, "ci_high": res.ci_high, "pi_low": res.pi_low,
+                    "pi_high": res.pi_high, "p_value": res.p_value if res.k >= 2 else np.nan,
+                    "tau2": res.tau2, "i2": res.i2, "q_stat": res.q, "q_p": res.q_p,
+                    "method_meta": res.method, "q_value": np.nan, "verdict": "inconclusive",
                     "reason": "" if res.k else "no study could test this contrast"})
+        if res.k == 1:
+            single[len(rows)] = grp.loc[ok].iloc[0]
         rows.append(row)
     meta = pd.DataFrame(rows)
-    meta["effect"] = meta["hedges_g"]
-    meta["n_arm"] = meta["k"]
-    meta["n_reference"] = meta["k"]
-    meta["paired"] = False
-    meta["mde"] = np.nan
-    out = add_verdicts(meta, alpha, families=("kind",))
-    tested = (out["verdict"] == "inconclusive") & (out["k"] > 0)
-    out.loc[tested, "reason"] = [
-        f"not significant (p = {_fmt(p, 2)}, q = {_fmt(q, 2)} >= {alpha}; pooled g = "
-        f"{_fmt(g, 2)} from {k} stud{'y' if k == 1 else 'ies'})"
-        for p, q, g, k in zip(out.loc[tested, "p_value"], out.loc[tested, "q_value"],
-                              out.loc[tested, "hedges_g"], out.loc[tested, "k"], strict=True)]
+    multi = meta["k"] >= 2
+    meta.loc[multi, "q_value"] = stats.bh(meta.loc[multi, "p_value"].to_numpy(float))
+    for i in meta.index[multi]:
+        r = meta.loc[i]
+        text = (f"pooled g = {_fmt(r['hedges_g'], 2)} [{_fmt(r['ci_low'], 2)}, "
+                f"{_fmt(r['ci_high'], 2)}] from {r['k']} studies")
+        if r["k"] == 2:
+            meta.loc[i, "reason"] = f"two studies: descriptive pooling only ({text})"
+            continue
+        q, predicted = r["q_value"], 1 if r["direction"] == "up" else -1
+        if np.isfinite(q) and q < alpha:
+            good = np.sign(r["hedges_g"]) == predicted
+            meta.loc[i, "verdict"] = "supported" if good else "contradicted"
+            meta.loc[i, "reason"] = f"q = {_fmt(q, 2)} < {alpha}; {text}"
+        else:
+            meta.loc[i, "reason"] = (f"not significant (p = {_fmt(r['p_value'], 2)}, q = "
+                                     f"{_fmt(q, 2)}); {text}; prediction interval "
+                                     f"[{_fmt(r['pi_low'], 2)}, {_fmt(r['pi_high'], 2)}]")
     for i, study_row in single.items():
-        for col in ("p_value", "q_value", "verdict"):
-            out.loc[i, col] = study_row[col]
-        out.loc[i, "reason"] = f"one study ({study_row['study']}): {study_row['reason']}"
-    return out[META_COLUMNS]
+        meta.loc[i, "p_value"] = study_row["p_value"]
+        meta.loc[i, "q_value"] = study_row["q_value"]
+        meta.loc[i, "verdict"] = study_row["verdict"]
+        meta.loc[i, "reason"] = f"one study ({study_row['study']}): {study_row['reason']}"
+    return meta[META_COLUMNS]
 
 
 # --- rule entry points ----------------------------------------------------------------------------
 
+def marker_overlap_from_panel(panel_path: str | Path, signatures: Mapping[str, Sequence[str]],
+                              species: str) -> Callable[[str, str, str], list[str]]:
+    """``marker_overlap`` for :func:`evaluate_study`: signature genes that are also markers
+    selecting the population in the cell-type panel (``annotate.signature_marker_overlap``)."""
+    from livermsc import annotate
+
+    panel = annotate.load_panel(panel_path, species)
+    cache: dict[tuple[str, str, str], list[str]] = {}
+
+    def overlap(level: str, population: str, signature: str) -> list[str]:
+        key = (level, population, signature)
+        if key not in cache:
+            cache[key] = annotate.signature_marker_overlap(panel, signatures, level, population,
+                                                           signature, species)
+        return cache[key]
+
+    return overlap
+
+
 def snakemake_entry(smk: Any) -> None:
     """Rule ``claims``: verdicts of one study."""
+    import anndata as ad
+
     from livermsc.score import load_signatures
 
     settings = claims_settings(smk.params.cfg)
@@ -400,9 +872,15 @@ def snakemake_entry(smk: Any) -> None:
     scores = pd.read_csv(smk.input.scores, sep="\t", keep_default_na=True,
                          dtype={"sample": str, "animal": str, "arm": str, "batch": str,
                                 "stage": str, "population": str})
-    coverage = pd.read_csv(smk.input.coverage, sep="\t")
+    coverage = pd.read_csv(smk.input.coverage, sep="\t", dtype={"genes_found": str})
+    pb_path = smk.input.get("pseudobulk") if hasattr(smk.input, "get") else None
+    pseudobulk = ad.read_h5ad(pb_path) if pb_path else None
+    pairs = getattr(smk.params, "pairs", None) or None
+    panel = smk.input.get("celltypes") if hasattr(smk.input, "get") else None
+    overlap = marker_overlap_from_panel(panel, signatures, smk.params.species) if panel else None
     table, methods = evaluate_study(scores, coverage, catalogue, smk.wildcards.study, settings,
-                                    smk.params.score_cfg)
+                                    smk.params.score_cfg, pseudobulk=pseudobulk, pairs=pairs,
+                                    marker_overlap=overlap)
     table.to_csv(smk.output.claims, sep="\t", index=False, na_rep="NA")
     methods.to_csv(smk.output.methods, sep="\t", index=False, na_rep="NA")
     Path(smk.output.summary).write_text(summary_markdown(table, methods, smk.wildcards.study,

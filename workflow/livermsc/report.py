@@ -199,7 +199,9 @@ def forest_tables(claims: pd.DataFrame, meta: pd.DataFrame | None,
                   source: str = "claims_meta.tsv") -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Rows of the forest plot: each study's Hedges' g with its 95% CI (``ci_low``/``ci_high``
     of the claims table, on the g scale), and the pooled effects of the meta-analysis table,
-    matched on ``claim_id`` and on ``arm``/``reference``/``stage`` where it has them.
+    matched on ``claim_id`` and on ``arm``/``reference``/``stage`` where it has them. Only rows
+    pooled from at least two studies (column ``k``, where the table has it) get a pooled line:
+    with one study the "pooled" effect would only repeat that study.
     """
     studies = claims.copy()
     studies["label"] = [plotting.claim_label(r) for r in studies.to_dict("records")]
@@ -214,6 +216,8 @@ def forest_tables(claims: pd.DataFrame, meta: pd.DataFrame | None,
     effect = _first_column(meta, META_EFFECT, "pooled effect", source)
     low = _first_column(meta, META_LOW, "lower CI", source)
     high = _first_column(meta, META_HIGH, "upper CI", source)
+    if "k" in meta.columns:
+        meta = meta[pd.to_numeric(meta["k"], errors="coerce").fillna(0) >= 2]
     pooled = match_meta(claims, meta, source)
     pooled = pooled.rename(columns={effect: "effect", low: "ci_low", high: "ci_high"})
     pooled = pooled[pooled["label"].isin(studies["label"])]
@@ -255,6 +259,15 @@ def plot_forest(claims: pd.DataFrame, meta: pd.DataFrame | None, stem: str | Pat
                 source: str = "claims_meta.tsv") -> list[Path]:
     """Forest plot of every claim contrast: study effects with CIs and the pooled diamond."""
     studies, pooled = forest_tables(claims, meta, source)
+    if studies.empty:  # no contrast could be tested anywhere: say so, do not stop the run
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6.5, 1.5))
+        ax.axis("off")
+        ax.text(0.0, 0.8, "forest plot: not drawn\nno claim contrast has a study effect "
+                "(every row inconclusive; see the claims tables for why)", va="top",
+                ha="left", fontsize=9, transform=ax.transAxes)
+        return plotting.save_figure(fig, stem, formats, dpi)
     fig = plotting.forest_plot(studies, pooled)
     return plotting.save_figure(fig, stem, formats, dpi)
 

@@ -1,16 +1,25 @@
-# Test the claims (livermsc.claims, livermsc.stats): per study, one verdict per claim x contrast
-# from sample-level statistics (animals as units, BH q-values); across studies, a DerSimonian-
-# Laird random-effects meta-analysis of Hedges' g (forest plot: report stage).
+# Test the claims (livermsc.claims, livermsc.stats, livermsc.geneset): per study, one verdict per
+# claim x contrast from one model on the animals (voom signature test on the pseudobulk counts,
+# quasi-binomial shares, BH q-values, TOST, control gating); across studies, REML random-effects
+# pooling of Hedges' g with Hartung-Knapp intervals (forest plot: report stage).
 
 
 rule claims:
     input:
         scores="results/{study}/scores/sample_scores.tsv",
         coverage="results/{study}/scores/signature_coverage.tsv",
+        pseudobulk="results/{study}/scores/pseudobulk.h5ad",
         catalogue=config["claims"]["catalogue"],
         signatures=config["score"]["signatures"],
+        celltypes=config["cluster"]["celltypes"],
     output:
-        claims="results/{study}/claims.tsv",
+        claims=report(
+            "results/{study}/claims.tsv",
+            caption="../report/claims.rst",
+            category=REPORT_CATEGORY["claims"],
+            subcategory="{study}",
+            labels={"study": "{study}", "claim contrast": "claims table"},
+        ),
         methods="results/{study}/claims_methods.tsv",
         summary="results/{study}/claims_summary.md",
     log:
@@ -21,13 +30,14 @@ rule claims:
         "../../envs/scanpy.yaml"
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=10,
+        mem_mb=mem_mb_from_input(factor=3, minimum=2000, maximum=64000),
+        runtime=runtime_from_input(minutes_per_gb=30, minimum=15),
     params:
         entry="livermsc.claims:snakemake_entry",
         cfg=config["claims"],
         score_cfg=config["score"],
         species=study_species,
+        pairs=lambda wildcards: STUDIES[wildcards.study].pairs,
     script:
         ENTRY
 
