@@ -7,12 +7,17 @@ Method (deliberately simple, transparent and deterministic):
    control genes, seeded) — species-specific symbols from the panel, markers absent from the
    data dropped and reported.
 2. **Assign clusters** (Leiden at ``cluster.annotation.resolution``): each cluster takes the type
-   with the highest mean score. Its *confidence* is the fraction of the cluster's cells whose own
-   best type (from scores averaged over the cell's kNN-graph neighbours, ``score_smoothing``,
-   which tempers single-cell dropout) is that same type; the *margin* is the gap between the
-   best and the second-best mean score. A cluster is called ``unassigned`` instead of guessed
-   when its best mean score is at or below ``min_score`` (no marker evidence), its confidence
-   is below ``min_confidence`` (a mixed cluster) or its margin is below ``min_margin``.
+   with the highest mean score (types compared with each other within the cluster). Its
+   *confidence* is the fraction of the cluster's cells whose own best type (from scores
+   averaged over the cell's kNN-graph neighbours, ``score_smoothing``, which tempers
+   single-cell dropout) is that same type; the *margin* is the gap between the best and the
+   second-best mean score; its *marker AUC* is the rank enrichment of the best type's markers
+   in the cluster's mean profile (the probability that a marker outranks a random gene of the
+   cluster). No absolute score level is used: score levels shrink with sequencing depth and
+   change with panel size, ranks do not. A cluster is called ``unassigned`` instead of guessed
+   when its marker AUC is below ``min_marker_auc`` (its best type's markers are not among its
+   expressed genes: a type missing from the panel), its confidence is below ``min_confidence``
+   (a mixed cluster) or its margin is below ``min_margin``.
    A mixed cluster with marker evidence is first re-clustered once (Leiden restricted to it,
    ``subcluster_resolution``) and its sub-clusters are called by the same rules; this separates,
    e.g., CD4 from CD8 T cells or neutrophils from dendritic cells that share a coarse cluster.
@@ -23,6 +28,11 @@ Method (deliberately simple, transparent and deterministic):
    (``state_smoothing``). Cells whose best state score is at or below ``min_state_score`` keep
    the parent name as their state, and so do all cells of a parent when one of its states has
    too few markers among the genes to be scored (no state is forced by elimination).
+
+Circularity: a claim that scores a signature in a population is biased when the markers that
+select the population's cells share genes with the signature. :func:`signature_marker_overlap`
+lists such genes for one claim and :func:`check_signature_overlap` checks every claim when the
+workflow config is loaded (``cluster.annotation.signature_overlap``: error or warn).
 
 Writes ``obs["cell_type"]``, ``obs["cell_state"]`` (categoricals), ``obs["cell_type_confidence"]``
 (float, the cluster's confidence; 0 for unassigned clusters), ``obs["annotation_cluster"]`` (the
@@ -45,12 +55,16 @@ import numpy as np
 import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
+from scipy.stats import rankdata
 
+from livermsc.cluster import resolution_key
 from livermsc.config import ConfigError, load_yaml, validate
+from livermsc.integrate import choose_accelerator
 
 log = logging.getLogger("livermsc.annotate")
 
 UNASSIGNED = "unassigned"
+_UNLABELLED = "__unlabelled__"
 
 
 class AnnotationInputError(ValueError):
@@ -100,6 +114,112 @@ def load_panel(path: str | Path, species: str = "mouse") -> Panel:
     return Panel(species=species, types=types, path=str(path))
 
 
+# --- circularity between the panel and the scored signatures ---------------------------------------
+
+
+def population_markers(panel: Panel, level: str, population: str) -> list[str]:
+    """The panel genes that decide whether a cell belongs to ``population``.
+
+    A type (``level="cell_type"``) is defined by its own markers and, because its cells are
+    split among its states, by its states' markers too; a state (``level="cell_state"``) by its
+    parent type's markers and the markers of every state of that parent (a cell is put in one
+    state by comparing it with the others). A population the panel does not name has none.
+    """
+    if level == "cell_type":
+        parent = panel.types.get(population)
+    elif level == "cell_state":
+        parent = panel.types.get(panel.parents.get(population, ""))
+    else:
+        raise ValueError(f"level {level!r} is not cell_type or cell_state")
+    if parent is None:
+        return []
+    genes = list(parent.markers)
+    for markers in parent.states.values():
+        genes += markers
+    return list(dict.fromkeys(genes))
+
+
+def signature_marker_overlap(panel: Panel | str | Path,
+                             signatures: Mapping[str, Any] | str | Path, level: str,
+                             population: str, signature: str, species: str) -> list[str]:
+    """Genes of ``signature`` that are also markers defining ``population`` (in signature order).
+
+    A signature scored in a population must share no gene with the markers that select that
+    population's cells: otherwise the selection itself raises the score (circularity). ``panel``
+    is a :class:`Panel` or the path of a panel file; ``signatures`` maps signature ids to gene
+    lists, or to entries with ``mouse`` / ``human`` lists as in ``config/signatures.yaml``, or
+    is that file's path. An unknown signature id raises :class:`ConfigError`.
+    """
+    if not isinstance(panel, Panel):
+        panel = load_panel(panel, species)
+    elif panel.species != species:
+        if not panel.path:
+            raise ConfigError(f"panel is for {panel.species}, not {species}, and has no file "
+                              "to reload it from")
+        panel = load_panel(panel.path, species)
+    if not isinstance(signatures, Mapping):
+        path = signatures
+        signatures = validate(load_yaml(path), "signatures", path)["signatures"]
+    if signature not in signatures:
+        raise ConfigError(f"signature '{signature}' is not in the signatures "
+                          f"(expected one of {sorted(signatures)})")
+    genes = signatures[signature]
+    if isinstance(genes, Mapping):
+        genes = genes.get(species, [])
+    markers = set(population_markers(panel, level, population))
+    return [g for g in dict.fromkeys(genes) if g in markers]
+
+
+def claim_overlaps(panel_path: str | Path, signatures_path: str | Path,
+                   catalogue_path: str | Path, species: list[str]) -> list[dict[str, Any]]:
+    """Every (claim, species) whose scored signature shares genes with its population's markers.
+
+    Returns rows with claim, species, level, population, signature and the shared genes.
+    """
+    catalogue = validate(load_yaml(catalogue_path), "claims", catalogue_path)
+    signatures = validate(load_yaml(signatures_path), "signatures", signatures_path)["signatures"]
+    rows = []
+    for sp_ in dict.fromkeys(species):
+        panel = load_panel(panel_path, sp_)
+        for claim in catalogue["claims"]:
+            measure = claim["measure"]
+            if measure["type"] != "signature" or measure.get("signature") not in signatures:
+                continue
+            pop = claim["population"]
+            shared = signature_marker_overlap(panel, signatures, pop["level"], pop["value"],
+                                              measure["signature"], sp_)
+            if shared:
+                rows.append({"claim": claim["id"], "species": sp_, "level": pop["level"],
+                             "population": pop["value"], "signature": measure["signature"],
+                             "genes": shared})
+    return rows
+
+
+def check_signature_overlap(config: Mapping[str, Any], species: list[str]) -> list[dict[str, Any]]:
+    """Check, at config load, that no claim scores a signature in a population whose defining
+    markers share genes with it (for each species in use).
+
+    ``config`` is the validated workflow config. With ``cluster.annotation.signature_overlap:
+    error`` (the default) an overlap is a :class:`ConfigError` naming each claim, population,
+    signature and gene; with ``warn`` it is logged. Returns the overlaps found.
+    """
+    rows = claim_overlaps(config["cluster"]["celltypes"], config["score"]["signatures"],
+                          config["claims"]["catalogue"], species)
+    if not rows:
+        return rows
+    lines = [f"  claim '{r['claim']}' ({r['species']}): signature '{r['signature']}' scored in "
+             f"{r['level']} '{r['population']}' shares {', '.join(r['genes'])} with the markers "
+             f"that define it" for r in rows]
+    text = (f"{config['cluster']['celltypes']} / {config['score']['signatures']}: "
+            f"{len(rows)} claim(s) score a signature with genes that also select the population "
+            "(circular: remove the genes from the marker panel or from the signature)\n"
+            + "\n".join(lines))
+    if config["cluster"]["annotation"]["signature_overlap"] == "error":
+        raise ConfigError(text + "\n(set cluster.annotation.signature_overlap: warn to run anyway)")
+    log.warning("%s", text)
+    return rows
+
+
 # --- scoring --------------------------------------------------------------------------------------
 
 
@@ -140,14 +260,60 @@ def score_sets(adata: ad.AnnData, sets: Mapping[str, list[str]], seed: int,
 # --- cluster-level assignment ----------------------------------------------------------------------
 
 
-def assign_clusters(scores: pd.DataFrame, clusters: pd.Series, min_score: float = 0.0,
+def cluster_profiles(adata: ad.AnnData, clusters: pd.Series) -> pd.DataFrame:
+    """Mean log-normalised expression (``X``) of every gene in each cluster (clusters x genes)."""
+    labels = pd.Categorical(clusters.astype(str).to_numpy())
+    onehot = sp.csr_matrix((np.ones(len(labels)), (labels.codes, np.arange(len(labels)))),
+                           shape=(len(labels.categories), len(labels)))
+    sums = onehot @ adata.X
+    sums = sums.toarray() if sp.issparse(sums) else np.asarray(sums)
+    sizes = np.asarray(onehot.sum(axis=1)).ravel()
+    return pd.DataFrame(sums / sizes[:, None], index=list(labels.categories),
+                        columns=adata.var_names)
+
+
+def marker_auc(profiles: pd.DataFrame, sets: Mapping[str, list[str]],
+               min_genes: int = 2) -> pd.DataFrame:
+    """Rank enrichment of each marker set in each cluster's profile (clusters x sets).
+
+    Within one cluster's mean-expression profile, all genes are ranked (ties share their mean
+    rank); a set's value is the area under the ROC curve of its markers against all other genes,
+    i.e. the probability that a marker is expressed more highly than a random gene of the same
+    cluster (Mann-Whitney U / (m (n - m))). 0.5 means no enrichment, 1 means the markers are the
+    cluster's most expressed genes. It depends only on ranks, so it neither shrinks with
+    sequencing depth nor grows with the number of markers, and needs no other cluster to compare
+    with (a study of one cell type is called as such). Sets with fewer than ``min_genes`` markers
+    among the genes are NaN.
+    """
+    n = profiles.shape[1]
+    ranks = np.apply_along_axis(rankdata, 1, profiles.to_numpy(dtype=float))
+    col = {g: i for i, g in enumerate(profiles.columns)}
+    out = {}
+    for name, genes in sets.items():
+        idx = [col[g] for g in dict.fromkeys(genes) if g in col]
+        m = len(idx)
+        if m < min_genes or m >= n:
+            out[name] = np.full(len(profiles), np.nan)
+            continue
+        out[name] = (ranks[:, idx].sum(axis=1) - m * (m + 1) / 2) / (m * (n - m))
+    return pd.DataFrame(out, index=profiles.index)
+
+
+def assign_clusters(scores: pd.DataFrame, clusters: pd.Series,
+                    auc: pd.DataFrame | None = None, min_marker_auc: float = 0.75,
                     min_confidence: float = 0.5, min_margin: float = 0.0,
                     cell_scores: pd.DataFrame | None = None) -> pd.DataFrame:
     """Call each cluster's type from the cells' type scores (see the module docstring).
 
-    ``cell_scores`` (default ``scores``; e.g. kNN-smoothed scores) give each cell's own best
-    type for the confidence. Returns one row per cluster: cluster, n_cells, cell_type (or
-    ``unassigned``), best_type, best_score, second_type, second_score, margin, confidence, reason.
+    The best type is the one with the highest mean score in the cluster (a comparison between
+    types within the cluster, never an absolute score level). The call stands when (1) the
+    best type's markers are enriched in the cluster's own profile: ``auc`` (clusters x types,
+    :func:`marker_auc`) at least ``min_marker_auc`` (no ``auc``: not checked), (2) at least
+    ``min_confidence`` of its cells have it as their own best type (``cell_scores``, default
+    ``scores``; e.g. kNN-smoothed) and (3) the best and second-best mean scores differ by at
+    least ``min_margin``; otherwise the cluster is ``unassigned`` and ``reason`` says why.
+    Returns one row per cluster: cluster, n_cells, cell_type, best_type, best_score,
+    second_type, second_score, margin, marker_auc, confidence, reason.
     """
     valid = scores.dropna(axis=1, how="all")
     if valid.shape[1] == 0:
@@ -163,9 +329,10 @@ def assign_clusters(scores: pd.DataFrame, clusters: pd.Series, min_score: float 
         second_score = float(means.iloc[1]) if second is not None else float("nan")
         margin = best_score - second_score if second is not None else float("inf")
         confidence = float((cell_best.loc[idx] == best).mean())
+        best_auc = float(auc.loc[cl, best]) if auc is not None else float("nan")
         reasons = []
-        if best_score <= min_score:
-            reasons.append(f"best score {best_score:.3f} <= min_score {min_score}")
+        if auc is not None and not best_auc >= min_marker_auc:
+            reasons.append(f"{best} marker AUC {best_auc:.2f} < min_marker_auc {min_marker_auc}")
         if confidence < min_confidence:
             reasons.append(f"confidence {confidence:.2f} < min_confidence {min_confidence}")
         if margin < min_margin:
@@ -173,7 +340,7 @@ def assign_clusters(scores: pd.DataFrame, clusters: pd.Series, min_score: float 
         rows.append({"cluster": cl, "n_cells": len(idx),
                      "cell_type": UNASSIGNED if reasons else best, "best_type": best,
                      "best_score": best_score, "second_type": second,
-                     "second_score": second_score, "margin": margin,
+                     "second_score": second_score, "margin": margin, "marker_auc": best_auc,
                      "confidence": confidence, "reason": "; ".join(reasons)})
     table = pd.DataFrame(rows)
     order = pd.to_numeric(table["cluster"], errors="coerce")
@@ -222,6 +389,114 @@ def refine_states(cell_type: pd.Series, state_scores: pd.DataFrame, panel: Panel
     return state
 
 
+# --- reference-based label transfer (scANVI) ------------------------------------------------------
+
+
+def _counts(a: ad.AnnData, what: str) -> sp.csr_matrix:
+    """Raw counts of ``a`` (``layers["counts"]`` or ``X``) as CSR; non-integer data is an error."""
+    x = a.layers["counts"] if "counts" in a.layers else a.X
+    x = sp.csr_matrix(x)
+    data = x.data
+    if data.size and (data.min() < 0 or not np.allclose(data, np.round(data))):
+        raise AnnotationInputError(f"{what}: expected raw non-negative integer counts in "
+                                   "layers['counts'] or X, found other values")
+    return x.astype(np.float32)
+
+
+def read_reference(path: str | Path, label_key: str) -> ad.AnnData:
+    """Read an annotated reference h5ad; check its label column and counts."""
+    path = Path(path)
+    if not path.is_file():
+        raise AnnotationInputError(f"{path}: reference file not found "
+                                   "(cluster.annotation.reference.path)")
+    try:
+        ref = ad.read_h5ad(path)
+    except (OSError, KeyError, ValueError) as err:
+        raise AnnotationInputError(f"{path}: not a readable h5ad file ({err})") from None
+    if label_key not in ref.obs:
+        raise AnnotationInputError(
+            f"{path}: obs has no column '{label_key}' (cluster.annotation.reference.label_key; "
+            f"columns: {list(ref.obs.columns)})")
+    if ref.obs[label_key].isna().all():
+        raise AnnotationInputError(f"{path}: obs['{label_key}'] has no labels")
+    return ref
+
+
+def transfer_labels(adata: ad.AnnData, reference: ad.AnnData, settings: Mapping[str, Any],
+                    seed: int, threads: int = 1, accelerator: str = "auto") -> pd.DataFrame:
+    """Transfer ``settings["label_key"]`` from ``reference`` to ``adata`` with scANVI.
+
+    scVI is trained on the raw counts of reference and query together (their shared genes,
+    the ``n_top_genes`` most variable of them; batches: the reference's ``batch_key`` column or
+    one reference batch, and the query's ``query_batch_key`` column or one query batch), then
+    scANVI is initialised from it with the reference labels and the query cells unlabelled.
+    Returns, per query cell, ``label`` (the most probable reference label, ``unassigned`` when
+    its probability is below ``min_confidence``), ``predicted`` (the label before that rule) and
+    ``confidence`` (that probability).
+    """
+    import scvi  # heavy optional dependency (torch): only needed when a reference is configured
+    import torch
+
+    label_key = settings["label_key"]
+    shared = [g for g in reference.var_names if g in set(adata.var_names)]
+    if len(shared) < settings["min_shared_genes"]:
+        raise AnnotationInputError(
+            f"reference shares only {len(shared)} genes with the study (expected at least "
+            f"{settings['min_shared_genes']}, cluster.annotation.reference.min_shared_genes): "
+            "check species and gene symbols")
+    labels = reference.obs[label_key].astype("string").fillna(_UNLABELLED).astype(str)
+    if _UNLABELLED in set(reference.obs[label_key].astype(str)):
+        raise AnnotationInputError(f"reference label '{_UNLABELLED}' is reserved")
+
+    def batches(a: ad.AnnData, key: str | None, prefix: str) -> np.ndarray:
+        if key and key in a.obs:
+            return (prefix + ":" + a.obs[key].astype(str)).to_numpy()
+        return np.full(a.n_obs, prefix)
+
+    x = sp.vstack([_counts(reference[:, shared], "reference"),
+                   _counts(adata[:, shared], "study")]).tocsr()
+    obs = pd.DataFrame({
+        "_batch": np.concatenate([batches(reference, settings["batch_key"], "reference"),
+                                  batches(adata, settings["query_batch_key"], "query")]),
+        "_label": np.concatenate([labels.to_numpy(), np.full(adata.n_obs, _UNLABELLED)]),
+    }, index=[f"r{i}" for i in range(reference.n_obs)] + [f"q{i}" for i in range(adata.n_obs)])
+    joint = ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=shared))
+    joint.layers["counts"] = joint.X.copy()
+    if len(shared) > settings["n_top_genes"]:
+        logged = joint.copy()
+        sc.pp.normalize_total(logged, target_sum=1e4)
+        sc.pp.log1p(logged)
+        sc.pp.highly_variable_genes(logged, n_top_genes=int(settings["n_top_genes"]),
+                                    flavor="seurat")
+        joint = joint[:, logged.var["highly_variable"].to_numpy()].copy()
+    for col in ("_batch", "_label"):
+        joint.obs[col] = joint.obs[col].astype("category")
+    torch.set_num_threads(max(int(threads), 1))
+    scvi.settings.seed = seed
+    scvi.settings.dl_num_workers = 0
+    train = {"accelerator": accelerator, "enable_progress_bar": False,
+             "devices": 1 if accelerator == "gpu" else "auto",
+             "batch_size": int(settings["batch_size"])}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scvi.model.SCVI.setup_anndata(joint, layer="counts", batch_key="_batch",
+                                      labels_key="_label")
+        vae = scvi.model.SCVI(joint, n_latent=int(settings["n_latent"]))
+        vae.train(max_epochs=int(settings["scvi_epochs"]), **train)
+        lvae = scvi.model.SCANVI.from_scvi_model(vae, unlabeled_category=_UNLABELLED)
+        lvae.train(max_epochs=int(settings["scanvi_epochs"]), n_samples_per_label=100, **train)
+        query = np.arange(reference.n_obs, joint.n_obs)
+        probs = lvae.predict(joint, indices=query, soft=True)
+    probs = probs.drop(columns=[c for c in probs.columns if c == _UNLABELLED])
+    predicted = probs.idxmax(axis=1).to_numpy()
+    confidence = probs.max(axis=1).to_numpy(dtype=float)
+    label = np.where(confidence >= settings["min_confidence"], predicted, UNASSIGNED)
+    log.info("reference labels transferred to %d cells (%d below confidence %.2f: unassigned)",
+             adata.n_obs, int((label == UNASSIGNED).sum()), settings["min_confidence"])
+    return pd.DataFrame({"label": label, "predicted": predicted, "confidence": confidence},
+                        index=adata.obs_names)
+
+
 # --- the whole annotation ------------------------------------------------------------------------------
 
 
@@ -249,15 +524,17 @@ def _subcluster(adata: ad.AnnData, cluster_key: str, clusters: list[str],
     return out
 
 
-def annotate(adata: ad.AnnData, panel: Panel, cfg: Mapping[str, Any], seed: int) -> pd.DataFrame:
+def annotate(adata: ad.AnnData, panel: Panel, cfg: Mapping[str, Any], seed: int,
+             threads: int = 1) -> pd.DataFrame:
     """Score, assign clusters (re-clustering mixed ones once), refine states, in place.
 
     ``cfg`` is the validated ``cluster`` config section (its ``annotation`` sub-section holds
-    the thresholds; its Leiden settings are reused for re-clustering). Returns the per-cluster
-    table.
+    the thresholds; its Leiden settings are reused for re-clustering). With
+    ``annotation.reference`` set, ``obs["cell_type"]`` holds the labels transferred from the
+    reference (:func:`transfer_labels`; confidence: the label's probability) and the panel's
+    calls go to ``obs["cell_type_panel"]``; states are then refined within the transferred types
+    that the panel names. Returns the per-cluster table (the panel's calls).
     """
-    from livermsc.cluster import resolution_key
-
     acfg = cfg["annotation"]
     cluster_key = resolution_key(acfg["resolution"])
     if cluster_key not in adata.obs:
@@ -277,19 +554,44 @@ def annotate(adata: ad.AnnData, panel: Panel, cfg: Mapping[str, Any], seed: int)
     valid = type_scores.dropna(axis=1, how="all")
     cell_scores = (pd.DataFrame(smooth(valid.to_numpy(), graph), index=valid.index,
                                 columns=valid.columns) if acfg["score_smoothing"] else valid)
-    thresholds = (acfg["min_score"], acfg["min_confidence"], acfg["min_margin"])
+    thresholds = {"min_marker_auc": acfg["min_marker_auc"],
+                  "min_confidence": acfg["min_confidence"], "min_margin": acfg["min_margin"]}
     clusters = adata.obs[cluster_key].astype(str)
-    table = assign_clusters(valid, clusters, *thresholds, cell_scores=cell_scores)
+    type_sets = {k: v for k, v in type_sets.items() if k in valid.columns}
+
+    def call(labels: pd.Series) -> pd.DataFrame:
+        auc = marker_auc(cluster_profiles(adata, labels), type_sets, acfg["min_markers"])
+        return assign_clusters(valid, labels, auc, cell_scores=cell_scores, **thresholds)
+
+    table = call(clusters)
     mixed = table.loc[(table["cell_type"] == UNASSIGNED)
-                      & (table["best_score"] > acfg["min_score"]), "cluster"].tolist()
+                      & (table["marker_auc"] >= acfg["min_marker_auc"]), "cluster"].tolist()
     if mixed and acfg["subcluster_resolution"] is not None:
         log.info("re-clustering %d mixed cluster(s): %s", len(mixed), mixed)
         clusters = _subcluster(adata, cluster_key, mixed, cfg, seed)
-        table = assign_clusters(valid, clusters, *thresholds, cell_scores=cell_scores)
+        table = call(clusters)
     by_cluster = table.set_index("cluster")
     cell_type = clusters.map(by_cluster["cell_type"])
     confidence = clusters.map(by_cluster["confidence"]).astype(float)
     confidence[cell_type == UNASSIGNED] = 0.0
+    ref_cfg = acfg.get("reference")
+    type_levels = [*panel.types, UNASSIGNED]
+    if ref_cfg:
+        reference = read_reference(ref_cfg["path"], ref_cfg["label_key"])
+        transferred = transfer_labels(adata, reference, ref_cfg, seed, threads,
+                                      choose_accelerator(ref_cfg["accelerator"]))
+        adata.obs["cell_type_panel"] = pd.Categorical(cell_type.to_numpy(),
+                                                      categories=type_levels)
+        cell_type = transferred["label"]
+        confidence = transferred["confidence"]
+        adata.obs["reference_prediction"] = transferred["predicted"].astype("category")
+        extra = sorted(set(cell_type) - set(type_levels))
+        if extra:
+            log.warning("reference labels not in the panel (no states, and claims name panel "
+                        "types): %s", extra)
+        type_levels = [*panel.types, *extra, UNASSIGNED]
+        agree = (adata.obs["cell_type_panel"].astype(str) == cell_type.astype(str)).mean()
+        log.info("reference labels equal the panel's calls for %.1f%% of cells", 100 * agree)
     scorable = {s for s in state_scores if state_scores[s].notna().any()}
     for t in panel.types.values():
         if t.states and not set(t.states) <= scorable:
@@ -300,9 +602,8 @@ def annotate(adata: ad.AnnData, panel: Panel, cfg: Mapping[str, Any], seed: int)
     cell_state = refine_states(cell_type, state_scores, state_panel,
                                graph if acfg["state_smoothing"] else None,
                                acfg["min_state_score"])
-    type_levels = [*panel.types, UNASSIGNED]
     state_levels = list(dict.fromkeys(
-        [x for t in panel.types.values() for x in [t.name, *t.states]] + [UNASSIGNED]))
+        [x for t in panel.types.values() for x in [t.name, *t.states]] + type_levels))
     adata.obs["annotation_cluster"] = pd.Categorical(clusters.to_numpy(),
                                                      categories=table["cluster"].tolist())
     adata.obs["cell_type"] = pd.Categorical(cell_type.to_numpy(), categories=type_levels)
@@ -321,7 +622,8 @@ def annotate(adata: ad.AnnData, panel: Panel, cfg: Mapping[str, Any], seed: int)
         "reclustered": mixed,
         "markers_missing": {k: v["missing"] for k, v in {**type_report, **state_report}.items()
                             if v["missing"]},
-        **{k: v for k, v in acfg.items() if v is not None},
+        **{k: ({a: b for a, b in v.items() if b is not None} if isinstance(v, Mapping) else v)
+           for k, v in acfg.items() if v is not None},
     }
     log.info("annotated %d clusters; %d unassigned (%d cells)", len(table),
              int((table["cell_type"] == UNASSIGNED).sum()), int((cell_type == UNASSIGNED).sum()))
@@ -332,6 +634,6 @@ def snakemake_entry(smk: Any) -> None:
     """Rule ``annotate``: cell types and states into annotated.h5ad, plus the cluster table."""
     panel = load_panel(smk.input.celltypes, species=smk.params.species)
     adata = ad.read_h5ad(smk.input.h5ad)
-    table = annotate(adata, panel, smk.params.cfg, int(smk.params.seed))
+    table = annotate(adata, panel, smk.params.cfg, int(smk.params.seed), int(smk.threads))
     table.to_csv(smk.output.table, sep="\t", index=False)
     adata.write_h5ad(smk.output.h5ad, compression="gzip")
