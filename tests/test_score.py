@@ -9,11 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from livermsc import geneset
 from livermsc.config import ConfigError
 from livermsc.score import (
     SCORE_COLUMNS,
     cell_shares,
     default_share_pairs,
+    edger_log_cpm,
     load_signatures,
     pseudobulk,
     pseudobulk_scores,
@@ -83,19 +85,68 @@ def test_pseudobulk_sums_counts_and_log_cpm():
 
 def test_pseudobulk_z_is_mean_of_gene_z_scores():
     pb = pseudobulk(tiny_adata(), ["cell_type"])
-    out = pseudobulk_scores(pb, {"s": ["G1", "G3"]}, ["pseudobulk_z", "pseudobulk_mean"],
-                            min_cells=1)
+    out, cov = pseudobulk_scores(pb, {"s": ["G1", "G3"]}, ["pseudobulk_z", "pseudobulk_mean"],
+                                 min_cells=1, min_genes=1, min_count=0, min_total_count=0)
     out = out.set_index(["pb", "method"])["value"]
     hep = pb[pb.obs["population"] == "hep"]
-    x = np.asarray(hep[:, ["G1", "G3"]].X, float)
+    y = np.asarray(hep[:, ["G1", "G3"]].layers["counts"], float)
+    counts = np.asarray(hep.layers["counts"], float)
+    lib = counts.sum(axis=1) * geneset.tmm_factors(pd.DataFrame(counts.T)).to_numpy()
+    prior = 2 * lib / lib.mean()                      # edgeR's prior count, scaled by library
+    x = np.log2((y + prior[:, None]) / (lib + 2 * prior)[:, None] * 1e6)
     z = (x - x.mean(axis=0)) / x.std(axis=0, ddof=1)
     for i, name in enumerate(hep.obs_names):
-        assert out[(name, "pseudobulk_z")] == pytest.approx(z[i].mean(), abs=1e-5)
-        assert out[(name, "pseudobulk_mean")] == pytest.approx(x[i].mean(), rel=1e-5)
+        assert out[(name, "pseudobulk_z")] == pytest.approx(z[i].mean(), abs=1e-6)
+        assert out[(name, "pseudobulk_mean")] == pytest.approx(x[i].mean(), rel=1e-6)
+    row = cov.set_index(["signature", "population"]).loc[("s", "hep")]
+    assert (row["n_samples"], row["n_genes_used"], row["genes_used"]) == (2, 2, "G1,G3")
     # below min_cells: no value
-    out2 = pseudobulk_scores(pb, {"s": ["G1", "G3"]}, ["pseudobulk_mean"], min_cells=2)
+    out2, _ = pseudobulk_scores(pb, {"s": ["G1", "G3"]}, ["pseudobulk_mean"], min_cells=2,
+                                min_genes=1, min_count=0, min_total_count=0)
     out2 = out2.set_index("pb")["value"]
-    assert math.isnan(out2["s2|cell_type|hep"]) and np.isfinite(out2["s1|cell_type|hep"])
+    assert math.isnan(out2["s2|cell_type|hep"]) and math.isnan(out2["s1|cell_type|hep"])
+
+
+def test_edger_log_cpm_prior_scales_with_library():
+    y = np.array([[0.0, 0.0], [10.0, 100.0]])
+    out = edger_log_cpm(y, np.array([1e4, 1e5]))
+    # zero counts: the same log-CPM floor whatever the library size
+    assert out[0, 0] == pytest.approx(out[0, 1], abs=0.01)
+    assert out[1, 0] == pytest.approx(out[1, 1], abs=1e-9)
+    prior = 2 * np.array([1e4, 1e5]) / 5.5e4
+    np.testing.assert_allclose(out[1], np.log2((y[1] + prior) / (np.array([1e4, 1e5])
+                                                                  + 2 * prior) * 1e6))
+
+
+def test_voom_scores_equal_the_signature_test_scores():
+    """The voom method writes, per population, the score the signature test is built on."""
+    rng = np.random.default_rng(0)
+    n_genes, arms = 120, ["a"] * 3 + ["b"] * 3
+    base = rng.lognormal(1.0, 1.2, n_genes)
+    X, obs = [], []
+    for s, arm in enumerate(arms):
+        for _ in range(40):
+            X.append(rng.poisson(base))
+            obs.append({"sample": f"s{s}", "arm": arm, "cell_type": "hsc", "cell_state": "hsc"})
+    a = ad.AnnData(X=sp.csr_matrix(np.array(X, np.float32)),
+                   obs=pd.DataFrame(obs, index=[f"c{i}" for i in range(len(obs))]),
+                   var=pd.DataFrame(index=[f"G{i}" for i in range(n_genes)]))
+    a.layers["counts"] = a.X.copy()
+    genes = [f"G{i}" for i in range(10)]
+    res = score_study(a, {"sig": genes}, "x", {"methods": ["voom"], "min_cells": 10,
+                                              "population_levels": ["cell_type"]})
+    t = res.sample_scores
+    voom = t[(t["method"] == "voom") & (t["population"] == "hsc")].set_index("sample")["value"]
+    pb = res.pseudobulk[res.pseudobulk.obs["population"] == "hsc"]
+    counts = pd.DataFrame(np.asarray(pb.layers["counts"]).T, index=pb.var_names,
+                          columns=pb.obs["sample"].to_numpy())
+    design = pd.DataFrame({"i": 1.0, "b": [0, 0, 0, 1, 1, 1.0]}, index=counts.columns)
+    test = geneset.signature_test(counts, design, "b", genes, group=arms)
+    np.testing.assert_allclose(voom.loc[counts.columns].to_numpy(), test.sample_scores, atol=1e-9)
+    cov = res.population_coverage
+    row = cov[(cov["population"] == "hsc") & (cov["signature"] == "sig")].iloc[0]
+    assert row["n_genes_used"] == test.n_genes_used and row["n_found"] == 10
+    assert row["genes_used"].split(",") == test.genes_used
 
 
 def test_shares_count_population_over_parent():
@@ -143,8 +194,8 @@ def test_score_study_outputs(scored):
     a, res = scored
     table = res.sample_scores
     assert list(table.columns) == SCORE_COLUMNS
-    assert set(table["method"]) == {"pseudobulk_z", "pseudobulk_mean", "ssgsea", "score_genes",
-                                    "ulm", "proportion"}
+    assert set(table["method"]) == {"voom", "pseudobulk_z", "pseudobulk_mean", "ssgsea",
+                                    "score_genes", "ulm", "proportion"}
     assert set(table["measure_type"]) == {"signature", "share"}
     # one row per sample x population x measure x method
     key = ["sample", "population_level", "population", "measure", "method"]
@@ -153,6 +204,11 @@ def test_score_study_outputs(scored):
     assert cov.loc["absent_set", "n_found"] == 1 and not cov.loc["absent_set", "usable"]
     assert "absent_set" not in set(table["measure"])
     assert cov.loc["hsc_activation", "fraction"] == 1.0
+    # genes used per signature x population, after the expression filter
+    pop = res.population_coverage.set_index(["signature", "population_level", "population"])
+    hsc = pop.loc[("hsc_activation", "cell_type", "hsc")]
+    assert 3 <= hsc["n_genes_used"] <= hsc["n_found"] == 14 and bool(hsc["usable"])
+    assert len(hsc["genes_used"].split(",")) == hsc["n_genes_used"]
     # per-cell scores in obs and in the cell table, one row per cell
     assert "score_genes:hsc_activation" in a.obs and "ulm:m1_macrophage" in a.obs
     assert len(res.cell_scores) == a.n_obs
@@ -162,7 +218,15 @@ def test_score_study_outputs(scored):
     # sample-level signature scores exist only for samples with at least min_cells cells
     sig = table[table["measure_type"] == "signature"]
     assert sig.loc[sig["n_cells"] < 10, "value"].isna().all()
-    assert sig.loc[sig["n_cells"] >= 10, "value"].notna().mean() > 0.99
+    cell_based = sig["method"].isin(["ssgsea", "score_genes", "ulm"])
+    assert sig.loc[cell_based & (sig["n_cells"] >= 10), "value"].notna().mean() > 0.99
+    # pseudobulk methods: a value exactly where the population keeps min_genes genes
+    usable = res.population_coverage.set_index(["signature", "population_level",
+                                                "population"])["usable"]
+    pbm = sig[~cell_based & (sig["n_cells"] >= 10)]
+    expect = usable.reindex(pd.MultiIndex.from_frame(
+        pbm[["measure", "population_level", "population"]])).to_numpy(dtype=bool)
+    np.testing.assert_array_equal(pbm["value"].notna().to_numpy(), expect)
 
 
 def test_planted_programme_effect_in_sample_scores(scored):

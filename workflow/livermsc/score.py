@@ -7,11 +7,17 @@ value per sample x population x measure x method (``sample_scores.tsv``, long fo
   ``score.population_levels``); the whole sample is the population ``all``;
 * **signature scores** (``measure_type == "signature"``), one per method in ``score.methods``:
 
-  - ``pseudobulk_z`` (primary): counts summed per sample x population, log2(CPM + 1), each
-    signature gene z-scored across the study's samples of that population (samples with at least
-    ``min_cells`` cells), then averaged over the signature's genes. Every gene weighs the same
-    whatever its expression level, and genes without variation are left out;
-  - ``pseudobulk_mean``: mean log2(CPM + 1) of the signature genes in the pseudobulk;
+  - ``voom`` (primary): the per-animal score of the signature test (:mod:`livermsc.geneset`):
+    counts summed per sample x population; per population, over the study's samples with at
+    least ``min_cells`` cells, TMM size factors, the expression filter (``min_count``,
+    ``min_total_count``, judged at the smallest library and the smallest arm) and voom precision
+    weights; the score is the precision-weighted mean of the kept genes' log2-CPM, centred per
+    gene (log2 units: a difference of scores is a log2 fold change);
+  - ``pseudobulk_z``: edgeR-style log-CPM (TMM effective library sizes, a prior count of 2
+    scaled by library size) of the kept signature genes, each z-scored across the population's
+    samples, averaged over genes (every gene weighs the same; genes without variation are left
+    out);
+  - ``pseudobulk_mean``: mean of the same log-CPM over the kept signature genes;
   - ``ssgsea``: single-sample GSEA (gseapy) enrichment score of the pseudobulk profile, with local
     gene sets built from the signatures file (no download);
   - ``score_genes``: mean over the sample's cells of scanpy's per-cell ``score_genes``;
@@ -24,13 +30,18 @@ value per sample x population x measure x method (``sample_scores.tsv``, long fo
 
 Per-cell scores use log-normalised counts made here from ``layers["counts"]`` (total 1e4, log1p),
 so that scores do not depend on how an earlier stage normalised ``X``.
+
+``population_coverage`` reports, per signature and population, the genes found in the data and
+the genes the expression filter keeps (``n_genes_used``), which the pseudobulk methods use.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +50,15 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from livermsc.config import ConfigError, load_yaml
+from livermsc import geneset
+from livermsc.config import SCHEMA_DIR, ConfigError, load_yaml
 
 log = logging.getLogger("livermsc.score")
 
 POPULATION_LEVELS = ("cell_type", "cell_state")
-SIGNATURE_METHODS = ("pseudobulk_z", "pseudobulk_mean", "ssgsea", "score_genes", "ulm")
+SIGNATURE_METHODS = ("voom", "pseudobulk_z", "pseudobulk_mean", "ssgsea", "score_genes", "ulm")
+PSEUDOBULK_METHODS = ("voom", "pseudobulk_z", "pseudobulk_mean")
+PRIOR_COUNT = 2.0  # edgeR cpm(log = TRUE) prior count, scaled by library size
 CELL_METHODS = ("score_genes", "ulm")
 SHARE_METHOD = "proportion"
 ALL = "all"
@@ -53,10 +67,15 @@ SCORE_COLUMNS = ["study", "sample", "animal", "arm", "batch", "stage", "populati
                  "population", "measure_type", "measure", "method", "value", "n_cells",
                  "n_parent_cells"]
 
-DEFAULTS: dict[str, Any] = {
-    "min_genes": 3, "min_cells": 10, "methods": list(SIGNATURE_METHODS),
-    "population_levels": list(POPULATION_LEVELS), "ctrl_size": 50, "ssgsea_weight": 0.25,
-}
+COVERAGE_COLUMNS = ["signature", "population_level", "population", "n_samples", "n_genes",
+                    "n_found", "n_genes_used", "genes_used", "usable"]
+
+
+@lru_cache(maxsize=1)
+def _schema_defaults() -> dict[str, Any]:
+    """Defaults of the score settings, from ``workflow/schemas/score.schema.yaml``."""
+    schema = load_yaml(SCHEMA_DIR / "score.schema.yaml")
+    return {k: v["default"] for k, v in schema["properties"].items() if "default" in v}
 
 
 # --- signatures ---------------------------------------------------------------------------------
@@ -276,7 +295,7 @@ def pseudobulk(adata: ad.AnnData, levels: Iterable[str] = POPULATION_LEVELS) -> 
 
 def _zscore_mean(values: np.ndarray) -> np.ndarray:
     """Mean over genes (columns) of values z-scored across rows; constant genes are left out."""
-    if values.shape[0] < 2:
+    if values.shape[0] < 2 or values.shape[1] == 0:
         return np.full(values.shape[0], np.nan)
     sd = values.std(axis=0, ddof=1)
     keep = sd > 1e-9
@@ -286,43 +305,116 @@ def _zscore_mean(values: np.ndarray) -> np.ndarray:
     return z.mean(axis=1)
 
 
+def edger_log_cpm(counts: np.ndarray, lib_size: np.ndarray, prior_count: float = PRIOR_COUNT
+                  ) -> np.ndarray:
+    """edgeR ``cpm(log = TRUE)``: log2((y + p_j) / (N_j + 2 p_j) * 1e6), ``p_j = prior * N_j /
+    mean(N)`` (genes x samples), so the prior is the same in CPM units for every library."""
+    lib = np.asarray(lib_size, float)
+    prior = prior_count * lib / lib.mean()
+    return np.log2((counts + prior[None, :]) / (lib + 2 * prior)[None, :] * 1e6)
+
+
+def arm_design(arms: Sequence[str]) -> pd.DataFrame:
+    """One-way design over arms: an intercept and an indicator per arm after the first."""
+    arms = pd.Series([str(a) for a in arms])
+    levels = sorted(arms.unique())
+    cols = {"intercept": np.ones(len(arms))}
+    for level in levels[1:]:
+        cols[f"arm[{level}]"] = (arms == level).to_numpy(float)
+    return pd.DataFrame(cols)
+
+
+def population_signature_scores(pb: ad.AnnData, gene_sets: Mapping[str, Sequence[str]],
+                                methods: Iterable[str], min_cells: int, min_genes: int = 3,
+                                min_count: float = 10.0, min_total_count: float = 15.0,
+                                ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``voom``, ``pseudobulk_z`` and ``pseudobulk_mean`` scores, per population over the
+    study's samples with at least ``min_cells`` cells, and the genes each population uses.
+
+    Per population: TMM effective library sizes and the expression filter of
+    :mod:`livermsc.geneset` over those samples (arms as groups); a signature with fewer than
+    ``min_genes`` kept genes gets no value. Returns the long table (pb, measure, method, value)
+    and the coverage table (``COVERAGE_COLUMNS``).
+    """
+    methods = [m for m in methods if m in PSEUDOBULK_METHODS]
+    counts_all = pb.layers["counts"] if "counts" in pb.layers else pb.X
+    counts_all = counts_all.toarray() if sp.issparse(counts_all) else np.asarray(counts_all)
+    ok = pb.obs["n_cells"].to_numpy() >= min_cells
+    var_names = pb.var_names.astype(str)
+    values = {m: pd.DataFrame(np.nan, index=pb.obs_names, columns=list(gene_sets))
+              for m in methods}
+    cov_rows = []
+    grouped = pb.obs.assign(_ok=ok).groupby(["population_level", "population"], observed=True,
+                                            sort=True)
+    for (level, pop), grp in grouped:
+        names = grp.index[grp["_ok"].to_numpy()]
+        if len(names) < 2:
+            for sid, genes in gene_sets.items():
+                cov_rows.append({"signature": sid, "population_level": level, "population": pop,
+                                 "n_samples": len(names), "n_genes": len(genes),
+                                 "n_found": len(genes), "n_genes_used": 0, "genes_used": "",
+                                 "usable": False})
+            continue
+        pos = pb.obs_names.get_indexer(names)
+        counts = pd.DataFrame(counts_all[pos].T.astype(float), index=var_names, columns=names)
+        arms = grp.loc[names, "arm"].astype(str).to_numpy()
+        design = arm_design(arms).set_axis(names)
+        vs = geneset.signature_scores(counts, design, gene_sets, group=arms, min_count=min_count,
+                                      min_total_count=min_total_count, min_genes=min_genes,
+                                      voom="voom" in methods)
+        for note in dict.fromkeys(vs.notes):
+            log.info("population %s=%s: %s", level, pop, note)
+        eff = (counts.sum(axis=0).to_numpy() * vs.norm_factors.to_numpy()
+               if vs.norm_factors.notna().all() else None)
+        for sid, genes in gene_sets.items():
+            used = vs.genes_used[sid]
+            usable = len(used) >= min_genes and eff is not None
+            cov_rows.append({"signature": sid, "population_level": level, "population": pop,
+                             "n_samples": len(names), "n_genes": len(genes),
+                             "n_found": vs.n_found[sid], "n_genes_used": len(used),
+                             "genes_used": ",".join(used), "usable": usable})
+            if not usable:
+                continue
+            if "voom" in methods:
+                values["voom"].loc[names, sid] = vs.scores[sid].to_numpy()
+            if {"pseudobulk_z", "pseudobulk_mean"} & set(methods):
+                logcpm = edger_log_cpm(counts.loc[used].to_numpy(), eff).T   # samples x genes
+                if "pseudobulk_mean" in methods:
+                    values["pseudobulk_mean"].loc[names, sid] = logcpm.mean(axis=1)
+                if "pseudobulk_z" in methods:
+                    values["pseudobulk_z"].loc[names, sid] = _zscore_mean(logcpm)
+    frames = [values[m].rename_axis("pb").reset_index()
+              .melt(id_vars="pb", var_name="measure", value_name="value").assign(method=m)
+              for m in methods]
+    long = (pd.concat(frames, ignore_index=True)[["pb", "measure", "method", "value"]] if frames
+            else pd.DataFrame(columns=["pb", "measure", "method", "value"]))
+    return long, pd.DataFrame(cov_rows, columns=COVERAGE_COLUMNS)
+
+
 def pseudobulk_scores(pb: ad.AnnData, gene_sets: Mapping[str, Sequence[str]],
                       methods: Iterable[str], min_cells: int, seed: int = 0,
-                      ssgsea_weight: float = 0.25, threads: int = 1) -> pd.DataFrame:
-    """Sample-level signature scores from the pseudobulk (``pseudobulk_z``, ``pseudobulk_mean``,
-    ``ssgsea``); rows below ``min_cells`` cells get NaN. Long format without sample info."""
-    methods = [m for m in methods if m in ("pseudobulk_z", "pseudobulk_mean", "ssgsea")]
+                      ssgsea_weight: float = 0.25, threads: int = 1, min_genes: int = 3,
+                      min_count: float = 10.0, min_total_count: float = 15.0,
+                      ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Sample-level signature scores from the pseudobulk (``voom``, ``pseudobulk_z``,
+    ``pseudobulk_mean``, ``ssgsea``); rows below ``min_cells`` cells get NaN. Returns the long
+    table without sample info and the per-population coverage table."""
+    methods = [m for m in methods if m in (*PSEUDOBULK_METHODS, "ssgsea")]
     ok = pb.obs["n_cells"].to_numpy() >= min_cells
-    var_index = {g: i for i, g in enumerate(pb.var_names)}
-    X = np.asarray(pb.X)
-    rows = []
-    for sid, genes in gene_sets.items():
-        idx = np.array([var_index[g] for g in genes if g in var_index], dtype=int)
-        sub = X[:, idx]
-        if "pseudobulk_mean" in methods:
-            vals = np.where(ok, sub.mean(axis=1), np.nan)
-            rows.append(pd.DataFrame({"pb": pb.obs_names, "measure": sid,
-                                      "method": "pseudobulk_mean", "value": vals}))
-        if "pseudobulk_z" in methods:
-            vals = np.full(pb.n_obs, np.nan)
-            grouped = pb.obs.assign(_ok=ok).groupby(["population_level", "population"],
-                                                    observed=True)
-            for _, grp in grouped:
-                pos = pb.obs_names.get_indexer(grp.index[grp["_ok"]])
-                if pos.size:
-                    vals[pos] = _zscore_mean(sub[pos])
-            rows.append(pd.DataFrame({"pb": pb.obs_names, "measure": sid,
-                                      "method": "pseudobulk_z", "value": vals}))
+    long, coverage = population_signature_scores(pb, gene_sets, methods, min_cells, min_genes,
+                                                 min_count, min_total_count)
+    rows = [long]
     if "ssgsea" in methods and gene_sets and ok.any():
         rows.append(_ssgsea(pb[ok], gene_sets, seed=seed, weight=ssgsea_weight, threads=threads))
-    if not rows:
-        return pd.DataFrame(columns=["pb", "measure", "method", "value"])
+    rows = [r for r in rows if len(r)]
+    if not rows or not methods:
+        return pd.DataFrame(columns=["pb", "measure", "method", "value"]), coverage
     out = pd.concat(rows, ignore_index=True)
     # ssGSEA skips sub-threshold rows; give them explicit NaN so every method has every row
     full = pd.MultiIndex.from_product([pb.obs_names, list(gene_sets), methods],
                                       names=["pb", "measure", "method"])
     out = out.set_index(["pb", "measure", "method"])["value"].reindex(full).reset_index()
-    return out
+    return out, coverage
 
 
 def _ssgsea(pb: ad.AnnData, gene_sets: Mapping[str, Sequence[str]], seed: int, weight: float,
@@ -440,11 +532,12 @@ class ScoreResult:
     coverage: pd.DataFrame
     pseudobulk: ad.AnnData
     cell_scores: pd.DataFrame
+    population_coverage: pd.DataFrame | None = None  # genes used per signature x population
 
 
 def score_settings(cfg: Mapping | None) -> dict[str, Any]:
     """The score settings with defaults filled and methods checked."""
-    out = {**DEFAULTS, **dict(cfg or {})}
+    out = {**copy.deepcopy(_schema_defaults()), **dict(cfg or {})}
     unknown = [m for m in out["methods"] if m not in SIGNATURE_METHODS]
     if unknown:
         raise ConfigError(f"config: field 'score.methods': unknown method(s) {unknown} "
@@ -489,11 +582,19 @@ def score_study(adata: ad.AnnData, signatures: Mapping[str, Sequence[str]], stud
         keep = [(lv, p) in wanted for lv, p in zip(pb.obs["population_level"],
                                                      pb.obs["population"], strict=True)]
         pb_sig = pb[np.asarray(keep, bool)]
-    long = pd.concat([
-        pseudobulk_scores(pb_sig, gene_sets, methods, min_cells, seed=seed,
-                          ssgsea_weight=float(settings["ssgsea_weight"]), threads=threads),
-        cell_score_means(cell_scores, pb_sig, adata.obs, levels, min_cells),
-    ], ignore_index=True)
+    pb_long, pop_coverage = pseudobulk_scores(
+        pb_sig, gene_sets, methods, min_cells, seed=seed,
+        ssgsea_weight=float(settings["ssgsea_weight"]), threads=threads, min_genes=min_genes,
+        min_count=float(settings["min_count"]), min_total_count=float(settings["min_total_count"]))
+    listed = coverage.set_index("signature")
+    for col in ("n_genes", "n_found"):
+        pop_coverage[col] = pop_coverage["signature"].map(listed[col]).astype(int)
+    to_symbol = {var: sym for sym, var in symbol_lookup(adata).items() if sym != var}
+    pop_coverage["genes_used"] = [",".join(to_symbol.get(g, g) for g in genes.split(",") if g)
+                                  for genes in pop_coverage["genes_used"]]
+    parts = [pb_long, cell_score_means(cell_scores, pb_sig, adata.obs, levels, min_cells)]
+    parts = [p for p in parts if len(p)] or parts[:1]
+    long = pd.concat(parts, ignore_index=True)
     long = long[long["method"].isin(methods)]
     meta = pb.obs[["sample", "population_level", "population", "n_cells"]]
     sig = long.merge(meta, left_on="pb", right_index=True).drop(columns="pb")
@@ -510,7 +611,7 @@ def score_study(adata: ad.AnnData, signatures: Mapping[str, Sequence[str]], stud
         kind="stable").reset_index(drop=True)
     cells = pd.concat([adata.obs[[c for c in ("sample", "arm", *levels) if c in adata.obs]]
                        .astype(str), cell_scores], axis=1)
-    return ScoreResult(table, coverage, pb, cells)
+    return ScoreResult(table, coverage, pb, cells, pop_coverage)
 
 
 def snakemake_entry(smk: Any) -> None:
@@ -527,6 +628,8 @@ def snakemake_entry(smk: Any) -> None:
     Path(smk.output.scores).parent.mkdir(parents=True, exist_ok=True)
     res.sample_scores.to_csv(smk.output.scores, sep="\t", index=False, na_rep="NA")
     res.coverage.to_csv(smk.output.coverage, sep="\t", index=False)
+    if smk.output.get("population_coverage"):
+        res.population_coverage.to_csv(smk.output.population_coverage, sep="\t", index=False)
     res.pseudobulk.write_h5ad(smk.output.pseudobulk)
     res.cell_scores.to_csv(smk.output.cells, sep="\t", index_label="cell", na_rep="NA")
     write_gmt({k: v for k, v in signatures.items() if v}, smk.output.gmt)

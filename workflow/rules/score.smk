@@ -1,6 +1,7 @@
 # Score a study (livermsc.score): per-cell signature scores (scanpy score_genes, decoupler ULM),
-# pseudobulk per sample x population, sample-level signature scores (pseudobulk_z primary,
-# pseudobulk_mean, ssGSEA, per-cell score means) and cell-population shares, in long format.
+# pseudobulk per sample x population, sample-level signature scores (voom primary,
+# pseudobulk_z, pseudobulk_mean, ssGSEA, per-cell score means) and cell-population shares, in
+# long format; population_coverage.tsv: the signature genes each population keeps.
 
 
 rule score:
@@ -9,8 +10,21 @@ rule score:
         signatures=config["score"]["signatures"],
         catalogue=config["claims"]["catalogue"],
     output:
-        scores="results/{study}/scores/sample_scores.tsv",
-        coverage="results/{study}/scores/signature_coverage.tsv",
+        scores=report(
+            "results/{study}/scores/sample_scores.tsv",
+            caption="../report/score.rst",
+            category=REPORT_CATEGORY["score"],
+            subcategory="{study}",
+            labels={"study": "{study}", "figure": "sample scores table"},
+        ),
+        coverage=report(
+            "results/{study}/scores/signature_coverage.tsv",
+            caption="../report/score.rst",
+            category=REPORT_CATEGORY["score"],
+            subcategory="{study}",
+            labels={"study": "{study}", "figure": "signature coverage table"},
+        ),
+        population_coverage="results/{study}/scores/population_coverage.tsv",
         pseudobulk="results/{study}/scores/pseudobulk.h5ad",
         cells="results/{study}/scores/cell_scores.tsv.gz",
         gmt="results/{study}/scores/signatures.gmt",
