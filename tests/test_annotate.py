@@ -29,12 +29,12 @@ from livermsc.annotate import (
     load_panel,
     marker_auc,
     population_markers,
-    read_reference,
     refine_states,
     signature_marker_overlap,
     smooth,
 )
 from livermsc.config import ConfigError
+from livermsc.reference import read_reference, transfer_labels
 from test_cluster import cluster_config, clustered_sim
 
 PANEL = "config/celltypes.yaml"
@@ -483,7 +483,10 @@ def test_reference_labels_transfer_between_plates(shared_data, panel, tmp_path):
         "path": str(tmp_path / "reference.h5ad"), "label_key": "label", "batch_key": "plate",
         "query_batch_key": "plate", "min_shared_genes": 100, "scvi_epochs": 20,
         "scanvi_epochs": 10, "batch_size": 32, "accelerator": "cpu"}})
-    annotate(query, panel, cfg, seed=0, threads=1)
+    ref_cfg = cfg["annotation"]["reference"]
+    reference = read_reference(ref_cfg["path"], ref_cfg["label_key"])
+    annotate(query, panel, cfg, seed=0, threads=1,
+             transfer=lambda a: transfer_labels(a, reference, ref_cfg, 0, 1, "cpu"))
     truth = query.obs["published_type"].map(TMS_AS_PANEL).astype(str)
     called = query.obs["cell_type"].astype(str)
     agree = float((called == truth).mean())

@@ -46,6 +46,10 @@ IMPORT_TO_CONDA = {
     "matplotlib": ["matplotlib-base", "matplotlib"],
     "seaborn": ["seaborn", "seaborn-base"],
     "h5py": ["h5py"],
+    "rdata": ["rdata"],
+    "xarray": ["xarray"],
+    "pyedger": ["pyedger"],
+    "pylimma": ["pylimma"],
     "jsonschema": ["jsonschema"],
     "referencing": ["referencing"],
     "yaml": ["pyyaml"],
@@ -73,12 +77,12 @@ def load_env(path: Path) -> dict:
 
 
 def env_pins(path: Path) -> dict[str, tuple[str, str | None]]:
-    """Conda package -> (version, build) of an environment file (pip entries excluded)."""
+    """Package -> (version, build) of an environment file, conda entries and its pip section."""
     pins = {}
     for dep in load_env(path)["dependencies"]:
-        if isinstance(dep, str):
-            m = PIN.match(dep.replace(" ", ""))
-            assert m, f"{path.name}: dependency '{dep}' is not pinned (expected name=version)"
+        for item in dep.get("pip", []) if isinstance(dep, dict) else [dep]:
+            m = PIN.match(item.replace(" ", ""))
+            assert m, f"{path.name}: dependency '{item}' is not pinned (expected name=version)"
             pins[m["name"]] = (m["version"], m["build"])
     return pins
 

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,12 +59,10 @@ from scipy.stats import rankdata
 
 from livermsc.cluster import resolution_key
 from livermsc.config import ConfigError, load_yaml, validate
-from livermsc.integrate import choose_accelerator
 
 log = logging.getLogger("livermsc.annotate")
 
 UNASSIGNED = "unassigned"
-_UNLABELLED = "__unlabelled__"
 
 
 class AnnotationInputError(ValueError):
@@ -389,117 +387,6 @@ def refine_states(cell_type: pd.Series, state_scores: pd.DataFrame, panel: Panel
     return state
 
 
-# --- reference-based label transfer (scANVI) ------------------------------------------------------
-
-
-def _counts(a: ad.AnnData, what: str) -> sp.csr_matrix:
-    """Raw counts of ``a`` (``layers["counts"]`` or ``X``) as CSR; non-integer data is an error."""
-    x = a.layers["counts"] if "counts" in a.layers else a.X
-    x = sp.csr_matrix(x)
-    data = x.data
-    if data.size and (data.min() < 0 or not np.allclose(data, np.round(data))):
-        raise AnnotationInputError(f"{what}: expected raw non-negative integer counts in "
-                                   "layers['counts'] or X, found other values")
-    return x.astype(np.float32)
-
-
-def read_reference(path: str | Path, label_key: str) -> ad.AnnData:
-    """Read an annotated reference h5ad; check its label column and counts."""
-    path = Path(path)
-    if not path.is_file():
-        raise AnnotationInputError(f"{path}: reference file not found "
-                                   "(cluster.annotation.reference.path)")
-    try:
-        ref = ad.read_h5ad(path)
-    except (OSError, KeyError, ValueError) as err:
-        raise AnnotationInputError(f"{path}: not a readable h5ad file ({err})") from None
-    if label_key not in ref.obs:
-        raise AnnotationInputError(
-            f"{path}: obs has no column '{label_key}' (cluster.annotation.reference.label_key; "
-            f"columns: {list(ref.obs.columns)})")
-    if ref.obs[label_key].isna().all():
-        raise AnnotationInputError(f"{path}: obs['{label_key}'] has no labels")
-    return ref
-
-
-def transfer_labels(adata: ad.AnnData, reference: ad.AnnData, settings: Mapping[str, Any],
-                    seed: int, threads: int = 1, accelerator: str = "auto") -> pd.DataFrame:
-    """Transfer ``settings["label_key"]`` from ``reference`` to ``adata`` with scANVI.
-
-    scVI is trained on the raw counts of reference and query together (their shared genes,
-    the ``n_top_genes`` most variable of them; batches: the reference's ``batch_key`` column or
-    one reference batch, and the query's ``query_batch_key`` column or one query batch), then
-    scANVI is initialised from it with the reference labels and the query cells unlabelled.
-    Returns, per query cell, ``label`` (the most probable reference label, ``unassigned`` when
-    its probability is below ``min_confidence``), ``predicted`` (the label before that rule) and
-    ``confidence`` (that probability).
-    """
-    import scvi  # heavy optional dependency (torch): only needed when a reference is configured
-    import torch
-
-    label_key = settings["label_key"]
-    shared = [g for g in reference.var_names if g in set(adata.var_names)]
-    if len(shared) < settings["min_shared_genes"]:
-        raise AnnotationInputError(
-            f"reference shares only {len(shared)} genes with the study (expected at least "
-            f"{settings['min_shared_genes']}, cluster.annotation.reference.min_shared_genes): "
-            "check species and gene symbols")
-    labels = reference.obs[label_key].astype("string").fillna(_UNLABELLED).astype(str)
-    if _UNLABELLED in set(reference.obs[label_key].astype(str)):
-        raise AnnotationInputError(f"reference label '{_UNLABELLED}' is reserved")
-
-    def batches(a: ad.AnnData, key: str | None, prefix: str) -> np.ndarray:
-        if key and key in a.obs:
-            return (prefix + ":" + a.obs[key].astype(str)).to_numpy()
-        return np.full(a.n_obs, prefix)
-
-    x = sp.vstack([_counts(reference[:, shared], "reference"),
-                   _counts(adata[:, shared], "study")]).tocsr()
-    obs = pd.DataFrame({
-        "_batch": np.concatenate([batches(reference, settings["batch_key"], "reference"),
-                                  batches(adata, settings["query_batch_key"], "query")]),
-        "_label": np.concatenate([labels.to_numpy(), np.full(adata.n_obs, _UNLABELLED)]),
-    }, index=[f"r{i}" for i in range(reference.n_obs)] + [f"q{i}" for i in range(adata.n_obs)])
-    joint = ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=shared))
-    joint.layers["counts"] = joint.X.copy()
-    if len(shared) > settings["n_top_genes"]:
-        logged = joint.copy()
-        sc.pp.normalize_total(logged, target_sum=1e4)
-        sc.pp.log1p(logged)
-        sc.pp.highly_variable_genes(logged, n_top_genes=int(settings["n_top_genes"]),
-                                    flavor="seurat")
-        joint = joint[:, logged.var["highly_variable"].to_numpy()].copy()
-    for col in ("_batch", "_label"):
-        joint.obs[col] = joint.obs[col].astype("category")
-    torch.set_num_threads(max(int(threads), 1))
-    scvi.settings.seed = seed
-    scvi.settings.dl_num_workers = 0
-    train = {"accelerator": accelerator, "enable_progress_bar": False,
-             "devices": 1 if accelerator == "gpu" else "auto",
-             "batch_size": int(settings["batch_size"])}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        scvi.model.SCVI.setup_anndata(joint, layer="counts", batch_key="_batch",
-                                      labels_key="_label")
-        vae = scvi.model.SCVI(joint, n_latent=int(settings["n_latent"]))
-        vae.train(max_epochs=int(settings["scvi_epochs"]), **train)
-        lvae = scvi.model.SCANVI.from_scvi_model(vae, unlabeled_category=_UNLABELLED)
-        lvae.train(max_epochs=int(settings["scanvi_epochs"]), n_samples_per_label=100, **train)
-        query = np.arange(reference.n_obs, joint.n_obs)
-        probs = lvae.predict(joint, indices=query, soft=True)
-    probs = probs.drop(columns=[c for c in probs.columns if c == _UNLABELLED])
-    predicted = probs.idxmax(axis=1).to_numpy()
-    confidence = probs.max(axis=1).to_numpy(dtype=float)
-    label = np.where(confidence >= settings["min_confidence"], predicted, UNASSIGNED)
-    log.info("reference labels transferred to %d cells (%d below confidence %.2f: unassigned)",
-             adata.n_obs, int((label == UNASSIGNED).sum()), settings["min_confidence"])
-    return pd.DataFrame({"label": label, "predicted": predicted, "confidence": confidence},
-                        index=adata.obs_names)
-
-
-# --- the whole annotation ------------------------------------------------------------------------------
-
-
 def _subcluster(adata: ad.AnnData, cluster_key: str, clusters: list[str],
                 cfg: Mapping[str, Any], seed: int) -> pd.Series:
     """Leiden within each of ``clusters`` (same flavor; ``annotation.subcluster_resolution``).
@@ -525,13 +412,15 @@ def _subcluster(adata: ad.AnnData, cluster_key: str, clusters: list[str],
 
 
 def annotate(adata: ad.AnnData, panel: Panel, cfg: Mapping[str, Any], seed: int,
-             threads: int = 1) -> pd.DataFrame:
+             threads: int = 1,
+             transfer: Callable[[ad.AnnData], pd.DataFrame] | None = None) -> pd.DataFrame:
     """Score, assign clusters (re-clustering mixed ones once), refine states, in place.
 
     ``cfg`` is the validated ``cluster`` config section (its ``annotation`` sub-section holds
     the thresholds; its Leiden settings are reused for re-clustering). With
-    ``annotation.reference`` set, ``obs["cell_type"]`` holds the labels transferred from the
-    reference (:func:`transfer_labels`; confidence: the label's probability) and the panel's
+    ``transfer`` (a function of the AnnData returning per-cell ``label``, ``predicted`` and
+    ``confidence``: :func:`livermsc.reference.transfer_labels` with its reference bound), ``obs["cell_type"]`` holds the
+    labels transferred from the reference (confidence: the label's probability) and the panel's
     calls go to ``obs["cell_type_panel"]``; states are then refined within the transferred types
     that the panel names. Returns the per-cluster table (the panel's calls).
     """
@@ -574,12 +463,9 @@ def annotate(adata: ad.AnnData, panel: Panel, cfg: Mapping[str, Any], seed: int,
     cell_type = clusters.map(by_cluster["cell_type"])
     confidence = clusters.map(by_cluster["confidence"]).astype(float)
     confidence[cell_type == UNASSIGNED] = 0.0
-    ref_cfg = acfg.get("reference")
     type_levels = [*panel.types, UNASSIGNED]
-    if ref_cfg:
-        reference = read_reference(ref_cfg["path"], ref_cfg["label_key"])
-        transferred = transfer_labels(adata, reference, ref_cfg, seed, threads,
-                                      choose_accelerator(ref_cfg["accelerator"]))
+    if transfer is not None:
+        transferred = transfer(adata)
         adata.obs["cell_type_panel"] = pd.Categorical(cell_type.to_numpy(),
                                                       categories=type_levels)
         cell_type = transferred["label"]
@@ -631,7 +517,8 @@ def annotate(adata: ad.AnnData, panel: Panel, cfg: Mapping[str, Any], seed: int,
 
 
 def snakemake_entry(smk: Any) -> None:
-    """Rule ``annotate``: cell types and states into annotated.h5ad, plus the cluster table."""
+    """Rule ``annotate``: cell types and states into annotated.h5ad, plus the cluster table
+    (``annotate_reference`` runs :func:`livermsc.reference.snakemake_entry` instead)."""
     panel = load_panel(smk.input.celltypes, species=smk.params.species)
     adata = ad.read_h5ad(smk.input.h5ad)
     table = annotate(adata, panel, smk.params.cfg, int(smk.params.seed), int(smk.threads))

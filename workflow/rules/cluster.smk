@@ -1,6 +1,8 @@
 # Cluster and annotate a study (livermsc.cluster, livermsc.annotate): kNN graph on the scVI
 # latent space, Leiden at several resolutions, UMAP and marker tables; cell types and states
 # from the marker panel; integration metrics (PCA baseline vs scVI) and the stage's figures.
+# The metrics and figures are diagnostics: what cannot be computed on a study (one cell type,
+# one batch, no panel marker among the genes) is written as "not computed: why", never a failure.
 
 from livermsc.cluster import ClusterInputError, check_config
 
@@ -8,6 +10,8 @@ CLUSTER = config["cluster"]
 checked(check_config, CLUSTER, errors=(ClusterInputError,))
 RESOLUTION_KEYS = [f"leiden_{float(r):g}" for r in CLUSTER["resolutions"]]
 UMAP_FIGURES = ["sample", "arm", "cluster", "cell_type", "cell_state"]
+# optional scANVI label transfer from an annotated reference (cluster.annotation.reference)
+REFERENCE = CLUSTER["annotation"]["reference"]
 
 
 rule cluster:
@@ -37,40 +41,94 @@ rule cluster:
         ENTRY
 
 
-rule annotate:
-    input:
-        h5ad="results/{study}/clustered.h5ad",
-        celltypes=CLUSTER["celltypes"],
-    output:
-        h5ad="results/{study}/annotated.h5ad",
-        table="results/{study}/annotation/clusters.tsv",
-    log:
-        "logs/annotate/{study}.log",
-    benchmark:
-        "benchmarks/annotate/{study}.tsv"
-    conda:
-        "../../envs/scanpy.yaml"
-    threads: 1
-    resources:
-        mem_mb=mem_mb_from_input(factor=8, minimum=4000, maximum=256000),
-        runtime=runtime_from_input(minutes_per_gb=60, minimum=10),
-    params:
-        entry="livermsc.annotate:snakemake_entry",
-        cfg=CLUSTER,
-        species=study_species,
-        seed=config["seed"],
-    script:
-        ENTRY
+# With cluster.annotation.reference set, labels are transferred from the reference with
+# scANVI (livermsc.reference, scVI environment); otherwise the marker panel alone.
+if REFERENCE:
+
+    rule annotate_reference:
+        input:
+            h5ad="results/{study}/clustered.h5ad",
+            celltypes=CLUSTER["celltypes"],
+            reference=REFERENCE["path"],
+        output:
+            h5ad="results/{study}/annotated.h5ad",
+            table=report(
+                "results/{study}/annotation/clusters.tsv",
+                caption="../report/cluster.rst",
+                category=REPORT_CATEGORY["cluster"],
+                subcategory="{study}",
+                labels={"study": "{study}", "figure": "cluster annotation table"},
+            ),
+        log:
+            "logs/annotate/{study}.log",
+        benchmark:
+            "benchmarks/annotate/{study}.tsv"
+        conda:
+            "../../envs/scvi_cpu.yaml"
+        threads: 2
+        resources:
+            mem_mb=mem_mb_from_input(factor=8, minimum=4000, maximum=256000),
+            runtime=runtime_from_input(minutes_per_gb=60, minimum=10),
+        params:
+            entry="livermsc.reference:snakemake_entry",
+            cfg=CLUSTER,
+            species=study_species,
+            seed=config["seed"],
+        script:
+            ENTRY
+
+else:
+
+    rule annotate:
+        input:
+            h5ad="results/{study}/clustered.h5ad",
+            celltypes=CLUSTER["celltypes"],
+        output:
+            h5ad="results/{study}/annotated.h5ad",
+            table=report(
+                "results/{study}/annotation/clusters.tsv",
+                caption="../report/cluster.rst",
+                category=REPORT_CATEGORY["cluster"],
+                subcategory="{study}",
+                labels={"study": "{study}", "figure": "cluster annotation table"},
+            ),
+        log:
+            "logs/annotate/{study}.log",
+        benchmark:
+            "benchmarks/annotate/{study}.tsv"
+        conda:
+            "../../envs/scanpy.yaml"
+        threads: 1
+        resources:
+            mem_mb=mem_mb_from_input(factor=8, minimum=4000, maximum=256000),
+            runtime=runtime_from_input(minutes_per_gb=60, minimum=10),
+        params:
+            entry="livermsc.annotate:snakemake_entry",
+            cfg=CLUSTER,
+            species=study_species,
+            seed=config["seed"],
+        script:
+            ENTRY
 
 
 rule integration_metrics:
     input:
         h5ad="results/{study}/annotated.h5ad",
     output:
-        table="results/{study}/integration_metrics.tsv",
-        figures=expand(
-            "results/{{study}}/figures/integration_metrics.{fmt}",
-            fmt=CLUSTER["figure_formats"],
+        table=report(
+            "results/{study}/integration_metrics.tsv",
+            caption="../report/integrate.rst",
+            category=REPORT_CATEGORY["integrate"],
+            subcategory="{study}",
+            labels={"study": "{study}", "figure": "integration metrics table"},
+        ),
+        figures=report_figure(
+            "results/{study}/figures/integration_metrics",
+            caption="../report/integrate.rst",
+            category=REPORT_CATEGORY["integrate"],
+            subcategory="{study}",
+            labels={"study": "{study}", "figure": "integration metrics"},
+            formats=CLUSTER["figure_formats"],
         ),
     log:
         "logs/integration_metrics/{study}.log",
@@ -97,11 +155,18 @@ rule cluster_figures:
         h5ad="results/{study}/annotated.h5ad",
         celltypes=CLUSTER["celltypes"],
     output:
-        figures=expand(
-            "results/{{study}}/figures/{name}.{fmt}",
-            name=[f"umap_{n}" for n in UMAP_FIGURES] + ["markers_dotplot"],
-            fmt=CLUSTER["figure_formats"],
-        ),
+        figures=[
+            path
+            for name in [f"umap_{n}" for n in UMAP_FIGURES] + ["markers_dotplot"]
+            for path in report_figure(
+                f"results/{{study}}/figures/{name}",
+                caption="../report/cluster.rst",
+                category=REPORT_CATEGORY["cluster"],
+                subcategory="{study}",
+                labels={"study": "{study}", "figure": name.replace("_", " ")},
+                formats=CLUSTER["figure_formats"],
+            )
+        ],
     log:
         "logs/cluster_figures/{study}.log",
     benchmark:
