@@ -8,7 +8,9 @@ from pathlib import Path
 
 import yaml
 
-from livermsc.config import ConfigError, load_config, load_yaml, validate
+from livermsc.bench import add_arguments as add_bench_arguments
+from livermsc.bench import bench_cli
+from livermsc.config import ConfigError, load_config, load_yaml, unused_arm_notes, validate
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -33,10 +35,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     for item in args.config:
         key, _, value = item.partition("=")
         config[key] = yaml.safe_load(value)
-    _, studies = load_config(config, source=" + ".join(args.configfile))
+    cfg, studies = load_config(config, source=" + ".join(args.configfile))
     for sid, study in studies.items():
         arms = study.samples["arm"].value_counts().to_dict()
         print(f"{sid}: {study.species}, {len(study.samples)} samples, arms {arms}")
+    for note in unused_arm_notes(studies, cfg["claims"]["catalogue"]):
+        print(note)
     print("configuration valid")
     return 0
 
@@ -45,6 +49,16 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from livermsc.calibrate import calibrate_cli
 
     return calibrate_cli(args)
+
+
+def _cmd_draft_study(args: argparse.Namespace) -> int:
+    from livermsc.draft import draft_cli
+
+    return draft_cli(args)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    return bench_cli(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,22 +81,50 @@ def build_parser() -> argparse.ArgumentParser:
                    help="overrides, as with snakemake --config")
     p.set_defaults(func=_cmd_validate)
 
-    p = sub.add_parser("calibrate", help="power and false-positive rate of the claim verdicts "
-                       "on simulated studies")
-    p.add_argument("--n-studies", type=int, default=200, help="simulated studies (default 200)")
+    p = sub.add_parser("calibrate", help="false-positive rate under realistic traps and power "
+                       "of the claim verdicts, on simulated studies")
     p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--quick", action="store_true",
+                   help="a small run (6 studies per scenario, 1 through the full pipeline)")
+    p.add_argument("--n-studies", type=int, default=None,
+                   help="studies per truth-label scenario (default 10; share traps x2, power "
+                   "x0.5; --quick 6)")
+    p.add_argument("--pipeline-studies", type=int, default=None,
+                   help="studies per QC -> annotation scenario (default 2; --quick 1)")
+    p.add_argument("--scenarios", default=None,
+                   help="comma-separated scenario names (default: all; see livermsc.calibrate)")
     p.add_argument("--seed", type=int, default=0, help="study i uses seed + i")
     p.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
-    p.add_argument("--effect-size", type=float, default=1.5,
-                   help="planted programme effect, in between-animal SDs (default 1.5)")
-    p.add_argument("--share-size", type=float, default=3.0,
-                   help="planted cell-state share effect, in SDs of the logit share (default 3)")
-    p.add_argument("--n-cells", type=int, default=3600, help="cells per study (default 3600)")
-    p.add_argument("--animals-per-arm", type=int, default=3)
-    p.add_argument("--background-genes", type=int, default=300)
+    p.add_argument("--cells-per-sample", type=int, default=None,
+                   help="simulated cells per sample (default 600; --quick 400)")
     p.add_argument("--configfile", type=Path, default=Path("config/config.yaml"),
-                   help="its score and claims settings are calibrated")
+                   help="its qc, integrate, cluster, score and claims settings are calibrated")
     p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("draft-study", help="draft a study file from a GEO series' metadata "
+                       "(SOFT family file or series matrix), arms guessed and marked for review")
+    p.add_argument("accession", help="GEO series accession, e.g. GSE171904")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--soft", type=Path, help="a local SOFT family file (GSE..._family.soft.gz)")
+    src.add_argument("--series-matrix", type=Path,
+                     help="a local series matrix (GSE..._series_matrix.txt.gz)")
+    src.add_argument("--use-series-matrix", action="store_true",
+                     help="download the series matrix instead of the SOFT family file")
+    p.add_argument("--out", type=Path, help="study file to write (default "
+                   "config/studies/<id>.yaml)")
+    p.add_argument("--id", help="study id (default: the accession)")
+    p.add_argument("--force", action="store_true", help="replace an existing study file")
+    p.add_argument("--configfile", type=Path, default=Path("config/config.yaml"),
+                   help="its fetch section sets the GEO mirror, retries and timeouts")
+    p.add_argument("--base-url", help="GEO base URL (overrides fetch.base_url)")
+    p.add_argument("--download-dir", type=Path,
+                   help="where a downloaded file goes (default resources/<id>/metadata)")
+    p.set_defaults(func=_cmd_draft_study)
+
+    p = sub.add_parser("bench", help="time the workflow and an in-memory reference script "
+                       "side by side on simulated studies of the given sizes")
+    add_bench_arguments(p)
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import jsonschema
@@ -68,6 +69,59 @@ def _fill_defaults(instance: Any, schema: Mapping, registry: Registry) -> None:
             _fill_defaults(item, schema["items"], registry)
 
 
+_TRUE, _FALSE, _NULL = {"true", "yes", "on"}, {"false", "no", "off"}, {"null", "none", "~", ""}
+
+
+def _types(schema: Mapping) -> set[str]:
+    kind = schema.get("type", [])
+    return {kind} if isinstance(kind, str) else set(kind)
+
+
+def _from_string(value: str, types: set[str]) -> Any:
+    """``value`` as the number, boolean or null the schema's ``types`` ask for, else unchanged."""
+    text = value.strip()
+    if "null" in types and text.lower() in _NULL:
+        return None
+    if "boolean" in types and text.lower() in _TRUE | _FALSE:
+        return text.lower() in _TRUE
+    if types & {"integer", "number"}:
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:
+            return float(text)  # for an integer field, 2.5 then fails as "not of type 'integer'"
+        except ValueError:
+            pass
+    return value
+
+
+def coerce_strings(instance: Any, schema: Mapping, registry: Registry | None = None) -> Any:
+    """Convert strings to the number, boolean or null the schema asks for, recursively.
+
+    ``snakemake --config qc='{"n_mads": -1}'`` reads nested values as strings ('-1'); where the
+    schema wants a number, integer, boolean or null (and not a string) the string is converted,
+    so that the range checks that follow report the value itself. Strings that do not parse are
+    left as they are and fail validation with the usual message.
+    """
+    registry = registry or _registry()
+    schema = _resolve(schema, registry)
+    if isinstance(instance, str):
+        types = _types(schema)
+        return instance if "string" in types or not types else _from_string(instance, types)
+    if isinstance(instance, dict):
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        out = {}
+        for key, value in instance.items():
+            sub = props.get(key, extra if isinstance(extra, Mapping) else None)
+            out[key] = coerce_strings(value, sub, registry) if sub is not None else value
+        return out
+    if isinstance(instance, list) and isinstance(schema.get("items"), Mapping):
+        return [coerce_strings(item, schema["items"], registry) for item in instance]
+    return instance
+
+
 def _field(path: Any) -> str:
     parts = [f"[{p}]" if isinstance(p, int) else f".{p}" for p in path]
     return "".join(parts).lstrip(".") or "(top level)"
@@ -86,9 +140,17 @@ def validate(instance: Any, schema_name: str, source: str | Path) -> Any:
         lines = []
         for err in errors[:10]:
             best = jsonschema.exceptions.best_match([err])
-            expected = _resolve(best.schema, registry).get("description", "") if isinstance(best.schema, Mapping) else ""
+            where = list(best.absolute_path)
+            schema_at = _resolve(best.schema, registry) if isinstance(best.schema, Mapping) else {}
+            if best.validator == "required" and isinstance(best.instance, Mapping):
+                # name the missing field itself, and what it should hold
+                missing = [k for k in best.validator_value if k not in best.instance][:1]
+                where += missing
+                sub = schema_at.get("properties", {}).get(missing[0], {}) if missing else {}
+                schema_at = _resolve(sub, registry) if isinstance(sub, Mapping) else {}
+            expected = schema_at.get("description", "")
             hint = f" (expected: {expected})" if expected else ""
-            lines.append(f"{source}: field '{_field(best.absolute_path)}': {best.message}{hint}")
+            lines.append(f"{source}: field '{_field(where)}': {best.message}{hint}")
         raise ConfigError("\n".join(lines))
     filled = copy.deepcopy(instance)
     _fill_defaults(filled, schema, registry)
@@ -107,6 +169,14 @@ class Study:
     @property
     def species(self) -> str:
         return self.spec["species"]
+
+    @property
+    def pairs(self) -> dict[str, str]:
+        """Sample -> pair id from the declared ``paired_by`` column ({} when none is declared)."""
+        column = self.spec.get("paired_by")
+        if not column:
+            return {}
+        return {str(s): str(v) for s, v in self.samples[column].items()}
 
     @property
     def data_dir(self) -> str:
@@ -172,6 +242,12 @@ def load_study(study_id: str, studies_dir: str | Path) -> Study:
             f"animal per sample from the paper, add it as 'samples' or 'sample_sheet', then set "
             f"'status: ready' (see README, 'Adding a study')."
         )
+    if spec.get("status") == "needs_review":
+        raise ConfigError(
+            f"{path}: field 'status': this study was drafted from GEO metadata and its arms, "
+            f"animals and files are guesses. Check every line marked 'REVIEW' against the paper "
+            f"(arm, animal, path/format or split_value per sample), then set 'status: ready'."
+        )
     if spec["source"] == "simulate":
         from livermsc.simulate import design
 
@@ -184,14 +260,132 @@ def load_study(study_id: str, studies_dir: str | Path) -> Study:
         sheet_path = (path.parent / spec["sample_sheet"]).resolve()
         sheet = read_sample_sheet(sheet_path)
         source = sheet_path
-    return Study(id=study_id, spec=spec, samples=validate_sample_sheet(sheet, source), path=path)
+    samples = validate_sample_sheet(sheet, source)
+    paired_by = spec.get("paired_by")
+    if paired_by and (paired_by not in samples or samples[paired_by].isna().any()):
+        raise ConfigError(f"{path}: field 'paired_by': '{paired_by}' is not a column filled for "
+                          f"every sample of {source} (expected: a sample-sheet column such as "
+                          "donor or animal naming the matched unit of each sample)")
+    study = Study(id=study_id, spec=spec, samples=samples, path=path)
+    if spec["source"] == "local":  # fetched studies: checked with their plan (livermsc.fetch)
+        check_sample_paths(samples, source, study.data_dir)
+        check_local_files(spec, samples, source, study.data_dir)
+    if spec["source"] in ("geo", "url") and "format" in samples:
+        layouts = {f["name"]: f.get("layout", "raw_tar") for f in spec.get("files") or []}
+        for sample, row in samples[samples["format"] == "seurat"].iterrows():
+            if layouts.get(row.get("file")) != "sample_file":
+                raise ConfigError(
+                    f"{source}: sample '{sample}', field 'format': seurat (expected for a "
+                    f"downloaded Seurat object: a 'file' column naming a files entry with layout "
+                    f"sample_file; to split one object into samples, download it and use a local "
+                    f"study with a combined file)")
+    return study
+
+
+def check_sample_paths(samples: pd.DataFrame, source: str | Path, data_dir: str) -> None:
+    """Refuse a sample ``path`` that is absolute or leads outside the study's data folder."""
+    paths = samples["path"].dropna() if "path" in samples else pd.Series(dtype=str)
+    for sample, value in paths.items():
+        text = str(value)
+        normal = posixpath.normpath(text.replace("\\", "/"))
+        if PurePosixPath(normal).is_absolute() or normal == ".." or normal.startswith("../"):
+            raise ConfigError(
+                f"{source}: sample '{sample}', field 'path': '{text}' points outside "
+                f"the study's data folder {data_dir}/ (expected: a path inside it, relative to it)")
+
+
+def combined_entry(spec: Mapping, row: Mapping) -> dict | None:
+    """The ``files`` entry (layout combined) a local sample is cut from; None for its own file."""
+    value = row.get("split_value")
+    if value is None or pd.isna(value):
+        return None
+    combined = [f for f in spec.get("files") or [] if f.get("layout") == "combined"]
+    name = row.get("file")
+    if name is not None and not pd.isna(name):
+        combined = [f for f in combined if f["name"] == name]
+    return combined[0] if len(combined) == 1 else None
+
+
+def check_local_files(spec: Mapping, samples: pd.DataFrame, source: str | Path,
+                      data_dir: str) -> None:
+    """A local study's combined/annotation files stay in its data folder and each sample
+    has a file: its own ``path``, or a ``split_value`` of exactly one combined file."""
+    files = spec.get("files") or []
+    for i, f in enumerate(files):
+        def where(sub: str = "", i: int = i) -> str:
+            return f"{source}: field 'files[{i}]{sub}'"
+
+        rel = str(f.get("path", f["name"]))
+        normal = posixpath.normpath(rel.replace("\\", "/"))
+        if PurePosixPath(normal).is_absolute() or normal == ".." or normal.startswith("../"):
+            raise ConfigError(f"{where('.path')}: '{rel}' points outside the study's data folder "
+                              f"{data_dir}/ (expected: a path inside it, relative to it)")
+        if f.get("layout") not in ("combined", "annotation"):
+            raise ConfigError(f"{where('.layout')}: '{f.get('layout', 'raw_tar')}' (expected for a "
+                              f"local study: combined or annotation; a sample's own file is "
+                              f"its row's 'path')")
+        if f["layout"] == "annotation":
+            continue
+        split = f.get("split") or {}
+        need = {"obs": ["column"], "barcode": ["pattern"],
+                "table": ["table", "cell_column", "sample_column"]}.get(split.get("by"), ["by"])
+        missing = [k for k in need if not split.get(k)] + ([] if f.get("format") else ["format"])
+        if missing:
+            raise ConfigError(f"{where()}: a combined file needs 'format' and 'split' with {need} "
+                              f"(missing: {missing})")
+        if split["by"] == "obs" and f["format"] not in ("h5ad", "seurat"):
+            raise ConfigError(f"{where('.split')}: by obs needs format h5ad or seurat (got "
+                              f"'{f['format']}'; expected by: barcode or by: table)")
+        if split["by"] == "table" and not any(
+                g["name"] == split["table"] and g.get("layout") == "annotation" for g in files):
+            raise ConfigError(f"{where('.split.table')}: '{split['table']}' (expected: the name of "
+                              f"another files entry with layout annotation)")
+    combined = sorted(f["name"] for f in files if f.get("layout") == "combined")
+    for sample, row in samples.iterrows():
+        value, rel = row.get("split_value"), row.get("path")
+        if value is None or pd.isna(value):
+            if rel is None or pd.isna(rel):
+                raise ConfigError(f"{source}: sample '{sample}': field 'path' is required "
+                                  f"(or 'split_value' for a sample of a combined file)")
+        elif combined_entry(spec, row) is None:
+            raise ConfigError(
+                f"{source}: sample '{sample}', field 'file': cannot tell which combined file "
+                f"holds this sample (combined files: {combined or 'none'}; expected: exactly one "
+                f"files entry with layout combined, or a 'file' column naming it)")
 
 
 def load_config(config: Mapping, source: str = "config") -> tuple[dict, dict[str, Study]]:
     """Validate the workflow config and every study it selects; return (config, studies)."""
-    cfg = validate(dict(config), "config", source)
+    cfg = validate(coerce_strings(dict(config), _registry().contents("config.schema.yaml")),
+                   "config", source)
     studies_dir = Path(cfg["studies_dir"])
     if not studies_dir.is_absolute():
         studies_dir = Path.cwd() / studies_dir
     studies = {sid: load_study(sid, studies_dir) for sid in cfg["studies"]}
     return cfg, studies
+
+
+def arms_without_claims(studies: Mapping[str, Study], catalogue: Mapping) -> dict[str, list[str]]:
+    """Per study, the arms of its sample sheet that no contrast of the claims catalogue names.
+
+    Such arms are allowed: their samples are still ingested, integrated, clustered and scored
+    (they shape the embedding and, with ``claims.pool_arms``, help to estimate batch effects),
+    but no claim compares them. The workflow and ``livermsc validate`` list them as a note.
+    """
+    used = {arm for claim in catalogue.get("claims", []) for contrast in claim.get("contrasts", [])
+            for arm in (contrast.get("arm"), contrast.get("reference"),
+                        *contrast.get("components", []))}
+    out = {}
+    for sid, study in studies.items():
+        unused = sorted(set(study.samples["arm"].astype(str)) - used)
+        if unused:
+            out[sid] = unused
+    return out
+
+
+def unused_arm_notes(studies: Mapping[str, Study], catalogue_path: str | Path) -> list[str]:
+    """One line per study with arms no claim uses (empty when every arm is used)."""
+    catalogue = load_yaml(catalogue_path) or {}
+    return [f"note: study '{sid}' ({studies[sid].path}): arm(s) {', '.join(arms)} are used by no "
+            f"claim in {catalogue_path}; their samples are analysed but not compared"
+            for sid, arms in arms_without_claims(studies, catalogue).items()]

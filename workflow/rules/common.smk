@@ -4,7 +4,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 
-from livermsc.config import ConfigError, load_config
+from livermsc.config import ConfigError, combined_entry, load_config
 
 
 def checked(check, *args, errors=(ConfigError,)):
@@ -43,11 +43,34 @@ def samples_of(study):
     return STUDIES[study].samples.index.tolist()
 
 
+def sample_combined(wildcards):
+    """A local sample's combined file entry ({} for a sample with its own file), with the
+    path of its cell table (split by table) resolved."""
+    study = STUDIES[wildcards.study]
+    if study.spec["source"] != "local":
+        return {}
+    entry = combined_entry(study.spec, study.samples.loc[wildcards.sample])
+    if entry is None:
+        return {}
+    entry = dict(entry)
+    if entry["split"]["by"] == "table":
+        table = next(
+            f for f in study.spec["files"] if f["name"] == entry["split"]["table"]
+        )
+        entry["table"] = f"{study.data_dir}/{table.get('path', table['name'])}"
+    return entry
+
+
 def sample_input(wildcards):
-    """Input of `ingest` for one sample: the simulated folder, or the sample's file in data_dir."""
+    """Input of `ingest` for one sample: the simulated folder, the sample's file in data_dir,
+    or the combined file (and cell table) it is cut from."""
     study = STUDIES[wildcards.study]
     if study.spec["source"] == "simulate":
         return study.data_dir
+    entry = sample_combined(wildcards)
+    if entry:
+        files = [f"{study.data_dir}/{entry.get('path', entry['name'])}"]
+        return files + ([entry["table"]] if "table" in entry else [])
     return f"{study.data_dir}/{study.samples.loc[wildcards.sample, 'path']}"
 
 
@@ -123,12 +146,15 @@ REPORT_FORMAT = next(
 )
 
 
-def report_figure(stem, caption, category, subcategory=None, labels=None):
-    """Files of one figure in every configured format; the REPORT_FORMAT one is in the report."""
+def report_figure(stem, caption, category, subcategory=None, labels=None, formats=None):
+    """Files of one figure in each of `formats` (default: report.formats); one of them (PNG,
+    else SVG, else PDF) is marked for the report."""
+    formats = formats or config["report"]["formats"]
+    shown = next(f for f in ("png", "svg", "pdf", *formats) if f in formats)
     files = []
-    for fmt in config["report"]["formats"]:
+    for fmt in formats:
         path = f"{stem}.{fmt}"
-        if fmt == REPORT_FORMAT:
+        if fmt == shown:
             path = report(
                 path,
                 caption=caption,
@@ -229,3 +255,12 @@ def qc_samples(wildcards):
 from livermsc.claims import check_config as check_claims_config
 
 checked(check_claims_config, config)
+
+# A claim's signature must share no gene with the markers that select its population.
+from livermsc.annotate import check_signature_overlap
+
+checked(
+    check_signature_overlap,
+    config,
+    sorted({study.species for study in STUDIES.values()}),
+)

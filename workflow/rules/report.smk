@@ -7,6 +7,13 @@
 report: "../report/workflow.rst"
 
 
+# Arms that no claim compares are allowed (their samples are still analysed); say so up front.
+from livermsc.config import unused_arm_notes
+
+for _note in unused_arm_notes(STUDIES, config["claims"]["catalogue"]):
+    print(f"livermsc: {_note}", file=sys.stderr)
+
+
 rule report_claims:
     input:
         scores="results/{study}/scores/sample_scores.tsv",

@@ -1,5 +1,5 @@
 """Entry point of every livermsc rule: calls the function named in params.entry."""
 
-from livermsc.runner import run
+from livermsc.runner import main
 
-run(snakemake)  # noqa: F821 - injected by Snakemake's script directive
+main(snakemake)  # noqa: F821 - injected by Snakemake's script directive
