@@ -123,9 +123,51 @@ def test_integration_metrics_inputs():
         integration_metrics(a, "t", "s")
     with pytest.raises(ValueError, match="unknown metric"):
         integration_metrics(a, "t", "s", embeddings=["X_pca"], metrics=["asw"])
+    # one label: the label metrics are not computed (NaN, the note says why), the rest are
     a.obs["t"] = "a"
-    with pytest.raises(IntegrationInputError, match=">= 2 labels"):
-        integration_metrics(a, "t", "s", embeddings=["X_pca"], metrics=["ilisi"])
+    table = integration_metrics(a, "t", "s", embeddings=["X_pca"],
+                                metrics=["ilisi", "silhouette_label", "nmi", "ari"])
+    by = table.set_index("metric")
+    assert np.isfinite(by.loc["ilisi", "value"]) and by.loc["ilisi", "note"] == ""
+    for m in ("silhouette_label", "nmi", "ari"):
+        assert np.isnan(by.loc[m, "value"])
+        assert by.loc[m, "note"] == "not computed: needs >= 2 labels in 't', found 1"
+    # one batch: the batch metrics are not computed
+    a.obs["t"], a.obs["s"] = ["a", "b"] * 15, "x"
+    table = integration_metrics(a, "t", "s", embeddings=["X_pca"],
+                                metrics=["ilisi", "silhouette_label"]).set_index("metric")
+    assert table.loc["ilisi", "note"].startswith("not computed: needs >= 2 batches")
+    assert np.isfinite(table.loc["silhouette_label", "value"])
+
+
+def test_integration_metrics_rule_never_fails(tmp_path):
+    """The diagnostic rule writes a 'not computed: why' table and figure whatever goes wrong."""
+    from types import SimpleNamespace
+
+    from livermsc.integrate import snakemake_metrics
+
+    a = ad.AnnData(np.zeros((30, 2), dtype=np.float32),
+                   obs=pd.DataFrame({"cell_type": ["hepatocyte"] * 30, "sample": ["x", "y"] * 15},
+                                    index=[f"c{i}" for i in range(30)]))
+    a.obsm["X_pca"] = np.random.default_rng(0).normal(size=(30, 3))
+    a.write_h5ad(tmp_path / "one_type.h5ad")  # one label and no X_scVI at all
+    cfg = cluster_config()["metrics"]
+    for name, why in (("one_type.h5ad", "obsm lacks embedding(s) ['X_scVI']"),
+                      ("missing.h5ad", "missing.h5ad")):
+        out = tmp_path / name.replace(".h5ad", "")
+        smk = SimpleNamespace(
+            input=SimpleNamespace(h5ad=str(tmp_path / name)),
+            output=SimpleNamespace(table=str(out / "metrics.tsv"),
+                                   figures=[str(out / "metrics.png")]),
+            params=SimpleNamespace(cfg=cfg, batch_key="sample", seed=0, formats=["png"]))
+        out.mkdir()
+        snakemake_metrics(smk)
+        table = pd.read_csv(out / "metrics.tsv", sep="\t")
+        assert len(table) == 2 * len(cfg["metrics"])
+        assert table["value"].isna().all()
+        assert table["note"].str.startswith("not computed").all()
+        assert table["note"].str.contains(why, regex=False).all(), table["note"].iloc[0]
+        assert (out / "metrics.png").stat().st_size > 1000
 
 
 def test_figures_are_written(sim_clustered, tmp_path):

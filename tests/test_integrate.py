@@ -19,6 +19,7 @@ from livermsc.integrate import (
     choose_accelerator,
     integrate,
     merge_samples,
+    normalise,
     select_hvgs,
 )
 
@@ -138,6 +139,80 @@ def test_hvg_keeps_every_gene_when_fewer_than_requested():
     a = _toy(40, [f"g{i}" for i in range(60)], "s1")
     select_hvgs(a, n_top_genes=2000, batch_key=None)
     assert a.var["highly_variable"].all()
+    assert a.uns["hvg"]["method"] == "all_genes"
+
+
+def _droin_batches(shared_data, sizes: dict[str, int], seed: int = 0) -> ad.AnnData:
+    """Real hepatocytes (Droin 2021): ``sizes[mouse]`` random cells of each mouse, normalised."""
+    full = ad.read_h5ad(shared_data / "droin2021_liver_circadian"
+                        / "droin2021_liver_hepatocytes_circadian.h5ad", backed="r")
+    rng = np.random.default_rng(seed)
+    mice = full.obs["sample"].astype(str).to_numpy()
+    idx = np.sort(np.concatenate([rng.choice(np.flatnonzero(mice == m), n, replace=False)
+                                  for m, n in sizes.items()]))
+    a = full[idx].to_memory()
+    full.file.close()
+    a.obs = a.obs[["sample"]].astype(str).astype("category")
+    a.layers["counts"] = a.X.copy()
+    normalise(a)
+    return a
+
+
+@pytest.mark.realdata
+def test_hvg_survives_small_real_batches(shared_data):
+    """50 real hepatocytes per mouse: batch-aware seurat_v3 fails in loess ("near
+    singularities"); the selection falls back to seurat_v3 on all cells and records it."""
+    mice = ["ZT00A", "ZT00B", "ZT00C", "ZT06A", "ZT06B", "ZT12A", "ZT12B", "ZT12C"]
+    a = _droin_batches(shared_data, dict.fromkeys(mice, 50))
+    record = select_hvgs(a, n_top_genes=1000, batch_key="sample", min_batch_cells=10)
+    assert record["failed"] and record["failed"][0].startswith("seurat_v3_batch: ValueError")
+    assert record["method"] == "seurat_v3"
+    assert int(a.var["highly_variable"].sum()) == 1000
+    assert a.uns["hvg"]["method"] == "seurat_v3" and "singularit" in a.uns["hvg"]["failed"]
+
+
+@pytest.mark.realdata
+def test_hvg_leaves_tiny_batches_out_of_the_ranking(shared_data):
+    """Batches under min_batch_cells do not enter the batch-aware ranking but keep their cells;
+    with fewer than two large batches the ranking is on all cells."""
+    a = _droin_batches(shared_data, {"ZT00A": 600, "ZT00B": 600, "ZT12A": 12})
+    record = select_hvgs(a, n_top_genes=500, batch_key="sample", min_batch_cells=100)
+    assert record["method"] in ("seurat_v3_batch", "seurat_v3")
+    if record["method"] == "seurat_v3_batch":
+        assert record["batches_left_out"] == ["ZT12A"]
+    assert int(a.var["highly_variable"].sum()) == 500 and a.n_obs == 1212
+    b = _droin_batches(shared_data, {"ZT00A": 300, "ZT12A": 12})
+    record = select_hvgs(b, n_top_genes=500, batch_key="sample", min_batch_cells=100)
+    assert record["method"] == "seurat_v3" and not record["batches_left_out"]
+
+
+def test_scvi_trains_when_the_last_minibatch_would_hold_one_cell():
+    """143 cells, train_size 0.9: 129 training cells = one minibatch of 128 and one of 1, which
+    batch normalisation cannot train on; that incomplete minibatch is dropped."""
+    genes = [f"g{i}" for i in range(80)]
+    parts = {"s1": _toy(70, genes, "s1", seed=1), "s2": _toy(73, genes, "s2", seed=2)}
+    a = merge_samples(parts)
+    integrate(a, integrate_config(max_epochs=2, n_latent=4, n_hidden=16), seed=0)
+    assert a.obsm["X_scVI"].shape == (143, 4) and np.isfinite(a.obsm["X_scVI"]).all()
+
+
+def test_hvg_falls_back_to_variance_when_every_flavour_fails(monkeypatch):
+    """Whatever scanpy raises, a documented fallback flags exactly n_top_genes genes."""
+    import livermsc.integrate as integ
+
+    a = _toy(40, [f"g{i}" for i in range(300)], "s1")
+    normalise(a)
+
+    def broken(*args, **kwargs):
+        raise ValueError("There are other near singularities as well")
+
+    monkeypatch.setattr(integ.sc.pp, "highly_variable_genes", broken)
+    record = select_hvgs(a, n_top_genes=100, batch_key=None)
+    assert record["method"] == "variance" and len(record["failed"]) == 2
+    assert int(a.var["highly_variable"].sum()) == 100
+    X = a.X.toarray()
+    top = np.argsort(-X.var(axis=0), kind="stable")[:100]
+    assert a.var["highly_variable"].to_numpy()[top].all()
 
 
 # --- the integration on the simulated study ---------------------------------------------------------

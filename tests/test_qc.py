@@ -14,11 +14,14 @@ from livermsc.config import validate
 from livermsc.ingest import ingest_sample, sample_path
 from livermsc.qc import (
     REASONS,
+    MtClass,
     QCSettings,
     annotate_gene_groups,
+    effective_min_genes,
     flag_cells,
     is_outlier,
     mad_bounds,
+    mt_classes_of,
     run_qc,
     snakemake_entry,
     snakemake_summary,
@@ -73,6 +76,66 @@ def test_flag_cells_hand_example():
     assert thr["mt_threshold"] == 10.0
     assert flags["mt_mad"].tolist() == cells(4, 5, 6)
     assert not flags["top20"].any()
+
+
+def test_flag_cells_per_mt_class_hand_example():
+    # 8 cells: 4 of class hepatocyte (mt 20, 22, 24, 45 -> median 23, MAD 2 -> 3 MADs: 29,
+    # raised to the class floor 30, cap 50: only 45 goes) and 4 of class other (mt 2, 3, 4, 20
+    # -> median 3.5, MAD 1 -> 6.5, raised to the floor 15: 20 goes).
+    obs = pd.DataFrame({
+        "log1p_total_counts": [8.0] * 8, "log1p_n_genes_by_counts": [7.0] * 8,
+        "pct_counts_in_top_20_genes": [25.0] * 8, "n_genes_by_counts": [1000] * 8,
+        "pct_counts_mt": [20.0, 22.0, 24.0, 45.0, 2.0, 3.0, 4.0, 20.0],
+    })
+    hep = MtClass("hepatocyte", ("Alb",), 3.0, n_mads_mt=3, min_pct_mt=30, max_pct_mt=50)
+    settings = QCSettings(n_mads_mt=3, min_pct_mt=15, max_pct_mt=25, mt_classes=(hep,))
+    classes = ["hepatocyte"] * 4 + ["other"] * 4
+    flags, thr = flag_cells(obs, settings, classes)
+    assert (thr["mt_hepatocyte_median"], thr["mt_hepatocyte_mad"]) == (23.0, 2.0)
+    assert thr["mt_hepatocyte_threshold"] == 30.0 and thr["mt_hepatocyte_cap"] == 50.0
+    assert (thr["mt_median"], thr["mt_threshold"]) == (3.5, 15.0)
+    assert flags["mt_mad"].tolist() == [False, False, False, True, False, False, False, True]
+    assert not flags["mt_cap"].iloc[:4].any()
+    # one rule for all cells: the mt-rich hepatocytes raise the median (20, MAD 10), so the
+    # threshold is the 25% cap and the damaged non-hepatocyte at 20% is kept
+    flags, thr = flag_cells(obs, QCSettings(n_mads_mt=3, min_pct_mt=15, max_pct_mt=25))
+    assert (thr["mt_median"], thr["mt_mad"], thr["mt_threshold"]) == (20.0, 10.0, 25.0)
+    assert flags["mt_mad"].tolist() == [False, False, False, True, False, False, False, False]
+
+
+def test_min_genes_is_limited_by_the_genes_measured():
+    s = QCSettings(min_genes=200, min_genes_max_fraction=0.1)
+    assert effective_min_genes(s, 300) == 30
+    assert effective_min_genes(s, 15000) == 200
+    obs = pd.DataFrame({"log1p_total_counts": [6.0] * 4, "log1p_n_genes_by_counts": [4.0] * 4,
+                        "pct_counts_in_top_20_genes": [30.0] * 4, "pct_counts_mt": [1.0] * 4,
+                        "n_genes_by_counts": [25, 40, 60, 80]})
+    flags, thr = flag_cells(obs, s, n_vars=300)
+    assert flags["min_genes"].tolist() == [True, False, False, False]
+    assert thr["min_genes_used"] == 30
+
+
+def test_mt_classes_by_marker_share():
+    """A cluster of cells rich in the class's markers is in the class; absent markers match none."""
+    rng = np.random.default_rng(0)
+    genes = ["Alb", "Apoa1", "Ptprc", "Cd3e", "mt-Co1"] + [f"g{i}" for i in range(40)]
+    hep = rng.poisson(1.0, size=(60, len(genes)))
+    hep[:, 0] += rng.poisson(30, 60)
+    hep[:, 1] += rng.poisson(10, 60)
+    imm = rng.poisson(1.0, size=(60, len(genes)))
+    imm[:, 2] += rng.poisson(20, 60)
+    imm[:, 3] += rng.poisson(10, 60)
+    a = ad.AnnData(X=sp.csr_matrix(np.vstack([hep, imm]).astype(np.float32)),
+                   var=pd.DataFrame(index=genes))
+    a.var["mt"] = a.var_names.str.startswith("mt-")
+    cls = MtClass("hepatocyte", ("Alb", "Apoa1", "Ttr"), 10.0, 3, 30, 50)
+    for by in ("cluster", "cell"):
+        classes, info = mt_classes_of(a, QCSettings(mt_classes=(cls,), mt_class_by=by))
+        assert (classes[:60] == "hepatocyte").all() and (classes[60:] == "other").all(), by
+        assert info["mt_hepatocyte_markers_found"] == 2
+    absent = MtClass("hepatocyte", ("Ttr", "Apoc3"), 10.0, 3, 30, 50)
+    classes, _ = mt_classes_of(a, QCSettings(mt_classes=(absent,)))
+    assert (classes == "other").all()
 
 
 def test_settings_from_config_and_sheet_overrides():
@@ -203,6 +266,33 @@ def test_qc_on_real_human_cells(shared_data):
     assert 0.7 * table["n_cells_in"] <= table["n_cells_out"] < table["n_cells_in"]
 
 
+@pytest.mark.realdata
+def test_mt_qc_keeps_real_hepatocytes(shared_data):
+    """Droin 2021, every real hepatocyte of 4 of the 10 mice (ZT12A, the worst case, and the
+    three largest of the other arms; Scrublet off for speed): the default per-class rule classes
+    every cell as hepatocyte and removes few of any mouse for mitochondria, where one 25% cap
+    for all cells removed 47% of ZT12A's."""
+    full = ad.read_h5ad(shared_data / "droin2021_liver_circadian"
+                        / "droin2021_liver_hepatocytes_circadian.h5ad")
+    settings = QCSettings.from_config(
+        {**DEFAULT_QC, "doublets": {**DEFAULT_QC["doublets"], "detect": False}}, species="mouse")
+    one_cap = QCSettings(**{**settings.__dict__, "mt_classes": ()})
+    removed = {}
+    for mouse in ("ZT12A", "ZT00B", "ZT06A", "ZT18B"):
+        a = full[full.obs["sample"] == mouse].copy()
+        a.obs = pd.DataFrame({"sample": mouse, "study": "droin"}, index=a.obs_names)
+        _, _, row = run_qc(a, settings, species="mouse")
+        assert row["n_class_hepatocyte"] == row["n_cells_in"], mouse
+        removed[mouse] = row["n_fail_mt_hepatocyte"] / row["n_cells_in"]
+        if mouse == "ZT12A":
+            ann_cap, _, _ = run_qc(a, one_cap, species="mouse")
+            old = (ann_cap.obs["qc_fail_mt_mad"] | ann_cap.obs["qc_fail_mt_cap"]).mean()
+            assert old > 0.4  # the failure this rule fixes
+    print("\nmt removal per mouse (per-class rule):", {k: round(v, 3) for k, v in removed.items()})
+    assert max(removed.values()) <= 0.06
+    assert removed["ZT12A"] <= 0.01
+
+
 def test_snakemake_entries_write_outputs(sim_study, tmp_path):
     folder, _ = sim_study
     sheet = pd.read_csv(folder / "samples.tsv", sep="\t")
@@ -215,7 +305,7 @@ def test_snakemake_entries_write_outputs(sim_study, tmp_path):
         ingest_entry(SimpleNamespace(
             input=SimpleNamespace(data=str(folder)), output=SimpleNamespace(h5ad=str(raw_path)),
             params=SimpleNamespace(sample_row={k: str(v) for k, v in row.items()},
-                                   species="mouse", simulated=True),
+                                   species="mouse", simulated=True, combined=None),
             wildcards=SimpleNamespace(study="sim", sample=row["sample"])))
         out = tmp_path / "qc"
         fig = out / "figures" / f"{row['sample']}.png"

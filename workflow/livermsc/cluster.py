@@ -199,8 +199,23 @@ def snakemake_cluster(smk: Any) -> None:
     adata.write_h5ad(smk.output.h5ad, compression="gzip")
 
 
+def placeholder_figure(title: str, why: str) -> Any:
+    """A figure that says what was not drawn and why (diagnostics never stop the run)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 2))
+    ax.axis("off")
+    ax.text(0.0, 0.9, f"{title}: not computed\n{why}", va="top", ha="left", fontsize=9,
+            transform=ax.transAxes, wrap=True)
+    return fig
+
+
 def snakemake_figures(smk: Any) -> None:
-    """Rule ``cluster_figures``: UMAPs by sample, arm, cluster and cell type; marker dot plot."""
+    """Rule ``cluster_figures``: UMAPs by sample, arm, cluster and cell type; marker dot plot.
+
+    A diagnostic: a figure that cannot be drawn (an absent obs column, no panel marker among
+    the genes, ...) is written as a figure saying "not computed: why", and the rule exits 0.
+    """
     from livermsc.annotate import load_panel
 
     adata = ad.read_h5ad(smk.input.h5ad)
@@ -209,15 +224,28 @@ def snakemake_figures(smk: Any) -> None:
             "cluster": resolution_key(smk.params.resolution), "cell_type": "cell_type",
             "cell_state": "cell_state"}
     outdir = Path(smk.output.figures[0]).parent
-    plot_umaps(adata, keys, outdir, formats)
-    panel = load_panel(smk.input.celltypes, species=smk.params.species)
-    markers: dict[str, list[str]] = {}
-    found = set(adata.obs["cell_state"].astype(str))
-    keep = []
-    for name, t in panel.types.items():
-        markers[name] = t.markers
-        markers.update(t.states)
-        if found & set(t.states):
-            keep.append(name)  # the parent's markers next to its states
-    plot_marker_dotplot(adata, markers, "cell_state", outdir / "markers_dotplot", formats,
-                        keep=keep)
+    for name, key in keys.items():
+        try:
+            plot_umaps(adata, {name: key}, outdir, formats)
+        except Exception as err:  # a diagnostic figure: record why, never stop the run
+            why = f"{type(err).__name__}: {err}"
+            log.warning("UMAP by %s not drawn (%s)", key, why)
+            save_figure(placeholder_figure(f"UMAP by {key}", why), outdir / f"umap_{name}",
+                        formats)
+    try:
+        panel = load_panel(smk.input.celltypes, species=smk.params.species)
+        markers: dict[str, list[str]] = {}
+        found = set(adata.obs["cell_state"].astype(str))
+        keep = []
+        for name, t in panel.types.items():
+            markers[name] = t.markers
+            markers.update(t.states)
+            if found & set(t.states):
+                keep.append(name)  # the parent's markers next to its states
+        plot_marker_dotplot(adata, markers, "cell_state", outdir / "markers_dotplot", formats,
+                            keep=keep)
+    except Exception as err:  # a diagnostic figure: record why, never stop the run
+        why = f"{type(err).__name__}: {err}"
+        log.warning("marker dot plot not drawn (%s)", why)
+        save_figure(placeholder_figure("marker dot plot", why), outdir / "markers_dotplot",
+                    formats)

@@ -10,11 +10,19 @@ Follows the single-cell best-practices book (Heumos et al. 2023, "Quality contro
   ``outlier_metrics`` picks which of the three apply: cell types dominated by a few transcripts,
   such as hepatocytes (albumin, apolipoproteins) or plasma cells (immunoglobulins), have high
   top-20 shares and are the first to be lost to that rule);
-* mitochondrial percentage: removed above ``median + n_mads_mt`` MADs (upper side only), with
-  that threshold kept within ``[min_pct_mt, max_pct_mt]``. Liver hepatocytes carry far more
-  mitochondrial reads than immune or endothelial cells, so an unbounded MAD rule removes
-  hepatocytes first; ``min_pct_mt`` protects them and ``max_pct_mt`` is a hard cap;
-* fewer than ``min_genes`` detected genes;
+* mitochondrial percentage, per coarse cell class: hepatocytes carry far more mitochondrial
+  reads than immune or endothelial cells, so one limit for every cell removes hepatocytes first
+  (a 25% cap removed 47% of one mouse's real hepatocytes). Each sample is split into the coarse
+  classes of ``mt_classes`` (default: hepatocyte) by their marker genes - a quick per-sample
+  Leiden clustering, each cluster taking the first class whose markers carry at least
+  ``min_marker_pct`` % of its median cell's non-mitochondrial counts (``mt_class_by: cell``
+  classifies each cell on its own) - and the rest is class ``other``. Within each class a cell
+  is removed above ``median + n_mads_mt`` MADs of that class (upper side only), that threshold
+  kept within the class's ``[min_pct_mt, max_pct_mt]``; ``max_pct_mt`` is a hard cap. Class
+  ``other`` uses the top-level ``n_mads_mt``, ``min_pct_mt`` and ``max_pct_mt``. Liver atlases
+  do the same (thresholds per cell class or cluster; hepatocytes allowed up to about 50%);
+* fewer than ``min_genes`` detected genes (at most ``min_genes_max_fraction`` of the genes the
+  sample measures, so that gene panels and author-filtered gene subsets keep their cells);
 * doublets by Scrublet (:func:`scanpy.pp.scrublet`) per sample, on the cells that pass the
   filters above; removed unless ``doublets.remove`` is false;
 * genes detected in fewer than ``min_cells`` kept cells are dropped (0 keeps every gene).
@@ -25,6 +33,7 @@ A cell can fail several reasons; the table counts each reason and the exclusive 
 from __future__ import annotations
 
 import logging
+import random
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -60,6 +69,30 @@ GENE_GROUPS: dict[str, dict[str, str]] = {
 REASONS = ("counts", "genes", "top20", "mt_mad", "mt_cap", "min_genes", "doublet")
 
 
+#: the class of cells matched by no entry of ``mt_classes`` (top-level mitochondrial limits)
+OTHER_CLASS = "other"
+
+
+@dataclass(frozen=True)
+class MtClass:
+    """A coarse cell class with its own mitochondrial limits (one entry of ``qc.mt_classes``)."""
+
+    name: str
+    markers: tuple[str, ...]
+    min_marker_pct: float
+    n_mads_mt: float
+    min_pct_mt: float
+    max_pct_mt: float
+
+    @classmethod
+    def from_config(cls, entry: Mapping[str, Any], species: str) -> MtClass:
+        """The class from a validated ``mt_classes`` entry, with the species' markers."""
+        return cls(name=entry["name"], markers=tuple(entry["markers"].get(species, [])),
+                   min_marker_pct=float(entry["min_marker_pct"]),
+                   n_mads_mt=float(entry["n_mads_mt"]), min_pct_mt=float(entry["min_pct_mt"]),
+                   max_pct_mt=float(entry["max_pct_mt"]))
+
+
 @dataclass(frozen=True)
 class QCSettings:
     """QC thresholds of one sample (the qc config with the sample sheet's overrides)."""
@@ -70,6 +103,7 @@ class QCSettings:
     min_pct_mt: float = 15.0
     max_pct_mt: float = 25.0
     min_genes: int = 200
+    min_genes_max_fraction: float = 0.1
     min_cells: int = 0
     detect_doublets: bool = True
     remove_doublets: bool = True
@@ -80,15 +114,20 @@ class QCSettings:
     doublet_log_transform: bool = True
     doublet_sim_ratio: float = 2.0
     doublet_min_cells: int = 100
+    mt_classes: tuple[MtClass, ...] = ()
+    mt_class_by: str = "cluster"
+    mt_class_resolution: float = 1.0
     seed: int = 0
 
     @classmethod
     def from_config(cls, qc: Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
-                    seed: int = 0) -> QCSettings:
+                    seed: int = 0, species: str = "mouse") -> QCSettings:
         """Settings from the validated ``qc`` config section and a sample's sheet overrides.
 
         ``overrides`` may hold the sample-sheet columns ``qc_n_mads``, ``qc_n_mads_mt`` and
-        ``qc_max_pct_mt`` (strings or numbers; missing/empty values are ignored).
+        ``qc_max_pct_mt`` (strings or numbers; missing/empty values are ignored); the two
+        mitochondrial overrides apply to class ``other`` (cells of no ``mt_classes`` entry).
+        ``species`` picks the markers of the mitochondrial classes.
         """
         dbl = dict(qc.get("doublets", {}))
         values: dict[str, Any] = {
@@ -98,6 +137,8 @@ class QCSettings:
             "min_pct_mt": qc.get("min_pct_mt", cls.min_pct_mt),
             "max_pct_mt": qc.get("max_pct_mt", cls.max_pct_mt),
             "min_genes": qc.get("min_genes", cls.min_genes),
+            "min_genes_max_fraction": qc.get("min_genes_max_fraction",
+                                             cls.min_genes_max_fraction),
             "min_cells": qc.get("min_cells", cls.min_cells),
             "detect_doublets": dbl.get("detect", cls.detect_doublets),
             "remove_doublets": dbl.get("remove", cls.remove_doublets),
@@ -109,6 +150,10 @@ class QCSettings:
             "doublet_log_transform": dbl.get("log_transform", cls.doublet_log_transform),
             "doublet_sim_ratio": dbl.get("sim_ratio", cls.doublet_sim_ratio),
             "doublet_min_cells": dbl.get("min_cells", cls.doublet_min_cells),
+            "mt_classes": tuple(MtClass.from_config(c, species)
+                                for c in qc.get("mt_classes", ())),
+            "mt_class_by": qc.get("mt_class_by", cls.mt_class_by),
+            "mt_class_resolution": float(qc.get("mt_class_resolution", cls.mt_class_resolution)),
             "seed": seed,
         }
         for column, key in (("qc_n_mads", "n_mads"), ("qc_n_mads_mt", "n_mads_mt"),
@@ -172,14 +217,49 @@ def is_outlier(values: Iterable[float], n_mads: float, side: str = "both") -> np
     return {"both": upper | lower, "upper": upper, "lower": lower}[side]
 
 
-def flag_cells(obs: pd.DataFrame, settings: QCSettings) -> tuple[pd.DataFrame, dict[str, float]]:
+def mt_threshold(values: Iterable[float], n_mads: float, floor: float, cap: float
+                 ) -> tuple[float, float, float, float]:
+    """(median, MAD, median + n_mads MADs, threshold): the MAD bound kept within [floor, cap].
+
+    Without values the threshold is the cap.
+    """
+    med, mad, _, high = mad_bounds(values, n_mads)
+    thr = cap if not np.isfinite(high) else min(max(high, floor), cap)
+    return med, mad, high, float(thr)
+
+
+def effective_min_genes(settings: QCSettings, n_vars: int | None) -> int:
+    """``min_genes``, lowered to ``min_genes_max_fraction`` of the genes a sample measures.
+
+    A targeted panel or an author-filtered gene subset (hundreds of genes) cannot show 200
+    detected genes per cell; without this limit the rule would remove every cell.
+    """
+    if n_vars is None:
+        return int(settings.min_genes)
+    cap = int(np.floor(settings.min_genes_max_fraction * n_vars))
+    if cap < settings.min_genes:
+        log.warning("min_genes lowered from %d to %d (%g of the %d genes measured)",
+                    settings.min_genes, cap, settings.min_genes_max_fraction, n_vars)
+        return cap
+    return int(settings.min_genes)
+
+
+def flag_cells(obs: pd.DataFrame, settings: QCSettings,
+               mt_class: pd.Series | None = None, n_vars: int | None = None
+               ) -> tuple[pd.DataFrame, dict[str, float]]:
     """One boolean column per metric-based removal reason, and the thresholds used.
 
     ``obs`` needs the columns of :func:`compute_qc_metrics`. Thresholds on the counts and genes
     axes are returned on the natural scale (``expm1`` of the log1p bounds) as well.
+    ``mt_class`` (one class name per cell, see :func:`mt_classes_of`) gives each class of
+    ``settings.mt_classes`` its own mitochondrial rule, computed on its cells only; cells of
+    no class (or all cells, without ``mt_class``) use the top-level limits. The ``mt_*``
+    thresholds are those of class ``other``; ``mt_<class>_*`` those of each class.
+    ``n_vars`` (genes measured) limits ``min_genes`` (see :func:`effective_min_genes`).
     """
     flags = pd.DataFrame(index=obs.index)
     thr: dict[str, float] = {}
+    min_genes = effective_min_genes(settings, n_vars)
     for reason, column in (("counts", "log1p_total_counts"), ("genes", "log1p_n_genes_by_counts"),
                            ("top20", "pct_counts_in_top_20_genes")):
         _, _, low, high = mad_bounds(obs[column], settings.n_mads)
@@ -189,13 +269,116 @@ def flag_cells(obs: pd.DataFrame, settings: QCSettings) -> tuple[pd.DataFrame, d
     for axis in ("counts", "genes"):
         thr[f"{axis}_low_natural"] = float(np.expm1(thr[f"{axis}_low"]))
         thr[f"{axis}_high_natural"] = float(np.expm1(thr[f"{axis}_high"]))
-    med, mad, _, high = mad_bounds(obs["pct_counts_mt"], settings.n_mads_mt)
-    mt_thr = min(max(high, settings.min_pct_mt), settings.max_pct_mt)
-    thr.update({"mt_median": med, "mt_mad": mad, "mt_mad_upper": high, "mt_threshold": mt_thr})
-    flags["mt_mad"] = obs["pct_counts_mt"] > mt_thr
-    flags["mt_cap"] = obs["pct_counts_mt"] > settings.max_pct_mt
-    flags["min_genes"] = obs["n_genes_by_counts"] < settings.min_genes
+    pct = obs["pct_counts_mt"].to_numpy(dtype=float)
+    classes = np.full(len(obs), OTHER_CLASS, dtype=object) if mt_class is None else \
+        np.asarray(mt_class, dtype=object)
+    cell_thr = np.empty(len(obs), dtype=float)
+    cell_cap = np.empty(len(obs), dtype=float)
+    rules = [(OTHER_CLASS, settings.n_mads_mt, settings.min_pct_mt, settings.max_pct_mt)]
+    rules += [(c.name, c.n_mads_mt, c.min_pct_mt, c.max_pct_mt) for c in settings.mt_classes]
+    for name, n_mads, floor, cap in rules:
+        mask = classes == name
+        med, mad, high, t = mt_threshold(pct[mask], n_mads, floor, cap)
+        cell_thr[mask], cell_cap[mask] = t, cap
+        prefix = "mt" if name == OTHER_CLASS else f"mt_{name}"
+        thr.update({f"{prefix}_median": med, f"{prefix}_mad": mad, f"{prefix}_mad_upper": high,
+                    f"{prefix}_threshold": t})
+        if name != OTHER_CLASS:
+            thr[f"{prefix}_cap"] = cap
+    flags["mt_mad"] = pct > cell_thr
+    flags["mt_cap"] = pct > cell_cap
+    flags["min_genes"] = obs["n_genes_by_counts"] < min_genes
+    thr["min_genes_used"] = min_genes
     return flags, thr
+
+
+def marker_share(adata: ad.AnnData, markers: Iterable[str]) -> np.ndarray:
+    """Percent of each cell's non-mitochondrial counts (X) in ``markers`` (those present)."""
+    genes = adata.var_names.isin(list(markers))
+    X = sp.csr_matrix(adata.X)
+    total = np.asarray(X.sum(axis=1)).ravel().astype(float)
+    if "mt" in adata.var:
+        total -= np.asarray(X[:, adata.var["mt"].to_numpy(dtype=bool)].sum(axis=1)).ravel()
+    hits = np.asarray(X[:, genes].sum(axis=1)).ravel().astype(float)
+    return np.divide(100 * hits, total, out=np.zeros_like(hits), where=total > 0)
+
+
+def quick_clusters(adata: ad.AnnData, resolution: float, seed: int) -> np.ndarray:
+    """Leiden clusters of one sample: log-normalised counts (X), PCA, 15-NN graph, Leiden.
+
+    The graph is scikit-learn's kNN graph (symmetrised) and Leiden is igraph's, which keeps this
+    per-sample step free of numba compilation (seconds, not half a minute, per sample).
+    """
+    import igraph as ig
+    from sklearn.neighbors import kneighbors_graph
+
+    b = ad.AnnData(X=sp.csr_matrix(adata.X, dtype=np.float32),
+                   obs=pd.DataFrame(index=adata.obs_names), var=pd.DataFrame(index=adata.var_names))
+    sc.pp.normalize_total(b)
+    sc.pp.log1p(b)
+    n_comps = int(max(2, min(30, b.n_obs - 2, b.n_vars - 2)))
+    sc.pp.pca(b, n_comps=n_comps, random_state=seed)
+    knn = kneighbors_graph(b.obsm["X_pca"], n_neighbors=min(15, b.n_obs - 1),
+                           mode="connectivity", include_self=False)
+    knn = sp.triu(knn.maximum(knn.T), k=1).tocoo()
+    graph = ig.Graph(n=b.n_obs, edges=list(zip(knn.row.tolist(), knn.col.tolist(), strict=True)))
+    ig.set_random_number_generator(random.Random(seed))
+    try:
+        parts = graph.community_leiden(objective_function="modularity", resolution=resolution,
+                                       n_iterations=2)
+    finally:
+        ig.set_random_number_generator(random)
+    return np.asarray(parts.membership).astype(str)
+
+
+#: fewest cells for the per-sample clustering of ``mt_class_by: cluster`` (else per cell)
+MIN_CLUSTER_CELLS = 50
+
+
+def mt_classes_of(adata: ad.AnnData, settings: QCSettings) -> tuple[np.ndarray, dict[str, Any]]:
+    """The mitochondrial class of each cell (raw counts in X, ``var['mt']`` set) and a record.
+
+    A class whose markers are all absent from the sample matches no cell (logged). With
+    ``mt_class_by: cluster`` each cluster of :func:`quick_clusters` takes the first class whose
+    markers carry at least ``min_marker_pct`` % of its median cell's non-mitochondrial counts;
+    samples with fewer than :data:`MIN_CLUSTER_CELLS` cells, or whose clustering fails, are
+    classified cell by cell.
+    """
+    n = adata.n_obs
+    classes = np.full(n, OTHER_CLASS, dtype=object)
+    info: dict[str, Any] = {"mt_class_by": settings.mt_class_by}
+    if not settings.mt_classes or n == 0:
+        return classes, info
+    shares = {}
+    for c in settings.mt_classes:
+        present = [g for g in c.markers if g in adata.var_names]
+        info[f"mt_{c.name}_markers_found"] = len(present)
+        if not present:
+            log.warning("mitochondrial class %s: none of its %d markers is among the genes; "
+                        "no cell is put in this class", c.name, len(c.markers))
+            continue
+        shares[c.name] = marker_share(adata, present)
+    groups = np.arange(n).astype(str)  # one group per cell
+    if settings.mt_class_by == "cluster":
+        if n < MIN_CLUSTER_CELLS:
+            log.warning("mitochondrial classes: %d cells (< %d) are too few to cluster; "
+                        "classified cell by cell", n, MIN_CLUSTER_CELLS)
+            info["mt_class_by"] = "cell"
+        else:
+            try:
+                groups = quick_clusters(adata, settings.mt_class_resolution, settings.seed)
+            except Exception as err:  # clustering is a means to an end: fall back per cell
+                log.warning("mitochondrial classes: per-sample clustering failed (%s: %s); "
+                            "classified cell by cell", type(err).__name__, err)
+                info["mt_class_by"] = "cell"
+    info["mt_class_groups"] = int(np.unique(groups).size)
+    for g in np.unique(groups):
+        mask = groups == g
+        for c in settings.mt_classes:
+            if c.name in shares and np.median(shares[c.name][mask]) >= c.min_marker_pct:
+                classes[mask] = c.name
+                break
+    return classes, info
 
 
 def detect_doublets(adata: ad.AnnData, settings: QCSettings) -> dict[str, Any]:
@@ -252,7 +435,9 @@ def run_qc(adata: ad.AnnData, settings: QCSettings, species: str
     if "counts" in adata.layers:
         adata.X = adata.layers["counts"].copy()
     groups = compute_qc_metrics(adata, species)
-    flags, thr = flag_cells(adata.obs, settings)
+    classes, class_info = mt_classes_of(adata, settings)
+    adata.obs["qc_mt_class"] = pd.Categorical(classes)
+    flags, thr = flag_cells(adata.obs, settings, classes, n_vars=adata.n_vars)
     passed = ~flags.any(axis=1).to_numpy()
     adata.obs["doublet_score"] = np.nan
     adata.obs["predicted_doublet"] = False
@@ -263,8 +448,18 @@ def run_qc(adata: ad.AnnData, settings: QCSettings, species: str
         adata.obs[f"qc_fail_{reason}"] = flags[reason].to_numpy()
     keep = ~flags.any(axis=1).to_numpy()
     adata.obs["qc_pass"] = keep
+    per_class: dict[str, Any] = {}
+    mt_any = (flags["mt_mad"] | flags["mt_cap"]).to_numpy()
+    for name in [OTHER_CLASS, *(c.name for c in settings.mt_classes)]:
+        mask = classes == name
+        per_class[f"n_class_{name}"] = int(mask.sum())
+        per_class[f"n_fail_mt_{name}"] = int((mask & mt_any).sum())
+        per_class[f"n_removed_{name}"] = int((mask & ~keep).sum())
+    if groups["mt"] == 0:
+        log.warning("sample has no mitochondrial genes: the mitochondrial rules remove nothing")
     kept = adata[keep].copy()
     kept.obs = kept.obs.drop(columns=[f"qc_fail_{r}" for r in REASONS] + ["qc_pass"])
+    kept.obs["qc_mt_class"] = kept.obs["qc_mt_class"].astype(str).astype("category")
     kept.var = kept.var[["gene_ids", "n_features", "mt", "ribo", "hb"]
                         if {"gene_ids", "n_features"} <= set(kept.var) else ["mt", "ribo", "hb"]]
     n_cells_gene = np.asarray((kept.X > 0).sum(axis=0)).ravel()
@@ -293,8 +488,10 @@ def run_qc(adata: ad.AnnData, settings: QCSettings, species: str
         else float("nan"),
         "median_genes_out": float(np.median(kept.obs["n_genes_by_counts"])) if kept.n_obs
         else float("nan"),
+        **per_class,
         **{k: round(float(v), 4) for k, v in thr.items()},
-        **{k: (",".join(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()},
+        **_settings_record(settings),
+        **class_info,
         **dbl,
     }
     if not kept.n_obs:
@@ -302,6 +499,19 @@ def run_qc(adata: ad.AnnData, settings: QCSettings, species: str
     kept.uns["qc"] = {k: (None if isinstance(v, float) and np.isnan(v) else v)
                       for k, v in row.items()}
     return adata, kept, row
+
+
+def _settings_record(settings: QCSettings) -> dict[str, Any]:
+    """The settings as flat table columns (the classes as one text column)."""
+    out: dict[str, Any] = {}
+    for k, v in asdict(settings).items():
+        if k == "mt_classes":
+            out[k] = "; ".join(
+                f"{c.name}: markers>={c.min_marker_pct:g}%, {c.n_mads_mt:g} MADs within "
+                f"[{c.min_pct_mt:g}, {c.max_pct_mt:g}]%" for c in settings.mt_classes)
+        else:
+            out[k] = ",".join(v) if isinstance(v, tuple) else v
+    return out
 
 
 def detect_doublets_subset(adata: ad.AnnData, mask: np.ndarray, settings: QCSettings
@@ -319,47 +529,87 @@ def detect_doublets_subset(adata: ad.AnnData, mask: np.ndarray, settings: QCSett
 
 def plot_qc(adata: ad.AnnData, row: Mapping[str, Any], stem: str | Path,
             formats: Iterable[str] = ("png",), dpi: int = 150) -> list[Path]:
-    """Distributions of the QC metrics (kept vs removed cells) with the thresholds drawn."""
+    """Distributions of the QC metrics (kept vs removed cells) with the thresholds drawn.
+
+    The mitochondrial panel draws each coarse class separately with its own threshold, and a
+    bar panel shows how many cells each rule flags (a cell can fail several).
+    """
     import matplotlib.pyplot as plt
 
-    from livermsc.plotting import save_figure
+    from livermsc.plotting import OKABE_ITO, save_figure
 
     obs = adata.obs
     kept = obs["qc_pass"].to_numpy(dtype=bool)
-    fig, axes = plt.subplots(2, 3, figsize=(12, 7))
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
     mad, hard = "--", ":"
     panels = [
         ("log1p_total_counts", "log1p(total counts)",
          [(row["counts_low"], mad), (row["counts_high"], mad)]),
         ("log1p_n_genes_by_counts", "log1p(detected genes)",
-         [(row["genes_low"], mad), (row["genes_high"], mad), (np.log1p(row["min_genes"]), hard)]),
+         [(row["genes_low"], mad), (row["genes_high"], mad), (np.log1p(row.get("min_genes_used", row["min_genes"])), hard)]),
         ("pct_counts_in_top_20_genes", "% counts in top 20 genes",
          [(row["top20_low"], mad), (row["top20_high"], mad)]),
-        ("pct_counts_mt", "% mitochondrial counts",
-         [(row["mt_threshold"], mad), (row["max_pct_mt"], hard)]),
         ("doublet_score", "Scrublet doublet score", [(row["doublet_threshold"], mad)]),
     ]
-    for ax, (col, label, lines) in zip(axes.flat, panels, strict=False):
+    flat = list(axes.flat)
+    for ax, (col, label, lines) in zip(flat[:4], panels, strict=True):
         values = obs[col].to_numpy(dtype=float)
         finite = np.isfinite(values)
         if finite.any():
             bins = np.histogram_bin_edges(values[finite], bins=50)
             ax.hist([values[finite & kept], values[finite & ~kept]], bins=bins, stacked=True,
                     color=["#0072B2", "#D55E00"], label=["kept", "removed"])
+        else:
+            ax.text(0.5, 0.5, "not computed", ha="center", va="center", transform=ax.transAxes)
         for x, style in lines:
             if x is not None and np.isfinite(x):
                 ax.axvline(x, color="black", ls=style, lw=1)
         ax.set_xlabel(label)
         ax.set_ylabel("cells")
-    axes[0, 0].legend(frameon=False)
-    ax = axes.flat[5]
+    flat[0].legend(frameon=False)
+    # mitochondrial share per coarse class, each with its threshold (dashed) and cap (dotted)
+    ax = flat[4]
+    pct = obs["pct_counts_mt"].to_numpy(dtype=float)
+    classes = obs["qc_mt_class"].astype(str).to_numpy() if "qc_mt_class" in obs else \
+        np.full(len(obs), OTHER_CLASS)
+    names = [c for c in dict.fromkeys([*sorted(set(classes) - {OTHER_CLASS}), OTHER_CLASS])
+             if (classes == c).any()]
+    if row.get("n_mt_genes", 1) == 0:
+        ax.text(0.5, 0.5, "no mitochondrial genes:\nno mitochondrial rule", ha="center",
+                va="center", transform=ax.transAxes)
+    elif len(pct):
+        bins = np.histogram_bin_edges(pct, bins=50)
+        for i, name in enumerate(names):
+            colour = OKABE_ITO[i % 7]
+            prefix = "mt" if name == OTHER_CLASS else f"mt_{name}"
+            cap = row["max_pct_mt"] if name == OTHER_CLASS else row.get(f"{prefix}_cap")
+            n_out = row.get(f"n_fail_mt_{name}", 0)
+            ax.hist(pct[classes == name], bins=bins, histtype="step", color=colour,
+                    label=f"{name}: {int((classes == name).sum())} cells, {n_out} removed")
+            for x, style in ((row.get(f"{prefix}_threshold"), mad), (cap, hard)):
+                if x is not None and np.isfinite(x):
+                    ax.axvline(x, color=colour, ls=style, lw=1)
+        ax.legend(frameon=False, fontsize=7)
+    ax.set_xlabel("% mitochondrial counts (per coarse class)")
+    ax.set_ylabel("cells")
+    # cells flagged by each rule
+    ax = flat[5]
+    reasons = [r for r in REASONS if f"qc_fail_{r}" in obs]
+    n_flag = [int(obs[f"qc_fail_{r}"].sum()) for r in reasons]
+    ax.barh(reasons[::-1], n_flag[::-1], color="#D55E00")
+    for y, v in enumerate(n_flag[::-1]):
+        ax.text(v, y, f" {v}", va="center", fontsize=7)
+    ax.set_xlabel(f"cells flagged by each rule (of {len(obs)}; {int((~kept).sum())} removed)")
+    ax = flat[6]
     points = ax.scatter(obs["total_counts"], obs["n_genes_by_counts"], c=obs["pct_counts_mt"],
                         s=3, cmap="viridis", rasterized=True)
     fig.colorbar(points, ax=ax, label="% mitochondrial counts")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    if len(obs) and (obs["total_counts"] > 0).all() and (obs["n_genes_by_counts"] > 0).all():
+        ax.set_xscale("log")
+        ax.set_yscale("log")
     ax.set_xlabel("total counts")
     ax.set_ylabel("detected genes")
+    flat[7].axis("off")
     fig.suptitle(f"{row['study']} / {row['sample']}: {row['n_cells_in']} cells in, "
                  f"{row['n_cells_out']} kept (dashed: adaptive thresholds; dotted: fixed limits)")
     fig.tight_layout()
@@ -375,7 +625,7 @@ def summarise(tables: Iterable[str | Path | pd.DataFrame]) -> pd.DataFrame:
 def snakemake_entry(smk: Any) -> None:
     """Rule ``qc``: filtered h5ad, per-sample table and figures of one sample."""
     settings = QCSettings.from_config(smk.params.qc, smk.params.overrides,
-                                      seed=int(smk.params.seed))
+                                      seed=int(smk.params.seed), species=smk.params.species)
     adata = ad.read_h5ad(smk.input.h5ad)
     annotated, kept, row = run_qc(adata, settings, species=smk.params.species)
     kept.write_h5ad(smk.output.h5ad, compression="gzip")

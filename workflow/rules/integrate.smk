@@ -1,5 +1,6 @@
 # Integrate a study (livermsc.integrate): merge its QC'd samples, normalise (shifted log),
-# batch-aware seurat_v3 HVGs, unintegrated PCA baseline and scVI; saves the trained model.
+# batch-aware seurat_v3 HVGs (with documented fallbacks for small or degenerate batches,
+# recorded in uns["hvg"]), unintegrated PCA baseline and scVI; saves the trained model.
 
 
 rule integrate:

@@ -1,5 +1,6 @@
-# Per-sample quality control (livermsc.qc): MAD-based outliers, mitochondrial limits, Scrublet
-# doublets, gene filter; filtered h5ad, per-sample table and figures, and a study summary table.
+# Per-sample quality control (livermsc.qc): MAD-based outliers, mitochondrial limits per coarse
+# cell class (hepatocytes are mitochondria-rich), Scrublet doublets, gene filter; filtered h5ad,
+# per-sample table (cells flagged by each rule, per class) and figures, and a study summary.
 
 
 rule qc:
@@ -8,9 +9,17 @@ rule qc:
     output:
         h5ad="results/{study}/qc/{sample}.h5ad",
         table="results/{study}/qc/tables/{sample}.tsv",
-        figures=expand(
-            "results/{{study}}/qc/figures/{{sample}}.{fmt}",
-            fmt=config["qc"]["figure_formats"],
+        figures=report_figure(
+            "results/{study}/qc/figures/{sample}",
+            caption="../report/qc.rst",
+            category=REPORT_CATEGORY["qc"],
+            subcategory="{study}",
+            labels={
+                "study": "{study}",
+                "sample": "{sample}",
+                "figure": "QC thresholds",
+            },
+            formats=config["qc"]["figure_formats"],
         ),
     log:
         "logs/qc/{study}/{sample}.log",
@@ -37,7 +46,13 @@ rule qc_summary:
     input:
         tables=qc_tables,
     output:
-        tsv="results/{study}/qc/qc_summary.tsv",
+        tsv=report(
+            "results/{study}/qc/qc_summary.tsv",
+            caption="../report/qc.rst",
+            category=REPORT_CATEGORY["qc"],
+            subcategory="{study}",
+            labels={"study": "{study}", "sample": "all", "figure": "QC summary table"},
+        ),
     log:
         "logs/qc_summary/{study}.log",
     benchmark:
