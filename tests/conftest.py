@@ -45,6 +45,10 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+#: the small simulated study of the ``sim_study`` fixture: the demo design, 3 animals per arm
+SIM_STUDY = {"n_cells": 4000, "animals_per_arm": 3}
+
+
 def demo_params(**overrides) -> dict:
     """The demo study's simulation parameters, with overrides."""
     spec = yaml.safe_load((REPO / "config" / "studies" / "demo.yaml").read_text())
@@ -55,12 +59,12 @@ def demo_params(**overrides) -> dict:
 
 @pytest.fixture(scope="session")
 def sim_study(tmp_path_factory) -> tuple[Path, dict]:
-    """A small simulated demo study (about 4000 cells): (folder, truth)."""
+    """A small simulated demo study (about 4000 cells, 3 animals per arm): (folder, truth)."""
     from livermsc.config import validate
     from livermsc.simulate import simulate_study
 
     out = tmp_path_factory.mktemp("sim_study")
-    params = validate(demo_params(n_cells=4000), "simulate", "demo.yaml")
+    params = validate(demo_params(**SIM_STUDY), "simulate", "demo.yaml")
     truth = simulate_study(params, "mouse", REPO / "config" / "signatures.yaml", out, seed=1)
     return out, truth
 

@@ -35,33 +35,42 @@ def demo_run(repo_root, tmp_path_factory) -> Path:
     return work
 
 
-def _expected_verdict(size: float, direction: str) -> str:
-    if size == 0:
-        return "inconclusive"
-    return "supported" if (size > 0) == (direction == "up") else "contradicted"
+def _planted_rows(claims: pd.DataFrame, effect: dict) -> pd.DataFrame:
+    """Claim rows that test one planted effect of the demo (same population, contrast, measure)."""
+    arm, reference = effect["contrast"]
+    rows = claims[(claims["population"] == effect["population"])
+                  & (claims["arm"] == arm) & (claims["reference"] == reference)
+                  & claims["stage"].isna()]  # the demo has no stages
+    if effect["kind"] == "program":
+        return rows[(rows["measure_type"] == "signature") & (rows["measure"] == effect["program"])]
+    return rows[rows["measure_type"] == "share"]
 
 
-def test_every_planted_effect_gets_its_verdict(demo_run):
+def test_planted_effects_get_no_wrong_verdict(demo_run):
+    """Only what the re-planted demo gives reliably (rates over 16 simulated copies of the demo
+    in tests/test_calibrate.py::test_demo_verdict_rates): the planted nulls are not called
+    (rate <= 1/16), no planted effect is called in the wrong direction (<= 1/16), and the effect
+    planted against a claim is never supported (0/16). Whether each planted effect is found
+    is a matter of power (about half of them at 3 vs 3 animals), so it is not asserted here."""
     truth = yaml.safe_load((demo_run / "resources/demo/simulated/truth.yaml").read_text())
     claims = pd.read_csv(demo_run / "results/demo/claims.tsv", sep="\t")
-    checked = []
+    checked = 0
     for effect in truth["effects"]:
-        arm, reference = effect["contrast"]
-        rows = claims[(claims["population"] == effect["population"])
-                      & (claims["arm"] == arm) & (claims["reference"] == reference)
-                      & claims["stage"].isna()]  # the demo has no stages
-        if effect["kind"] == "program":
-            rows = rows[(rows["measure_type"] == "signature") & (rows["measure"] == effect["program"])]
-        else:
-            rows = rows[rows["measure_type"] == "share"]
+        rows = _planted_rows(claims, effect)
         assert len(rows) >= 1, f"no claim row tests planted effect {effect['id']}"
         for row in rows.itertuples():
-            expected = _expected_verdict(effect["size"], row.direction)
-            assert row.verdict == expected, (
-                f"{effect['id']} -> {row.claim_id}: got {row.verdict} ({row.reason}), "
-                f"expected {expected}")
-            checked.append(row.claim_id)
-    assert len(checked) >= len(truth["effects"])
+            if effect["size"] == 0:
+                assert row.verdict in ("inconclusive", "no_effect"), (
+                    f"planted null {effect['id']} -> {row.claim_id}: {row.verdict} ({row.reason})")
+            else:
+                wrong = "contradicted" if (effect["size"] > 0) == (row.direction == "up") \
+                    else "supported"
+                assert row.verdict != wrong, (
+                    f"{effect['id']} (size {effect['size']}) -> {row.claim_id}: {row.verdict} "
+                    f"({row.reason})")
+            checked += 1
+    assert checked >= len(truth["effects"])
+    assert set(claims["verdict"]) <= {"supported", "contradicted", "no_effect", "inconclusive"}
 
 
 def test_inconclusive_rows_say_why(demo_run):
@@ -102,6 +111,8 @@ def test_report_holds_every_figure(demo_run):
 def test_single_study_meta_keeps_the_study_verdict(demo_run):
     claims = pd.read_csv(demo_run / "results/demo/claims.tsv", sep="\t")
     meta = pd.read_csv(demo_run / "results/claims_meta.tsv", sep="\t")
-    both = claims.merge(meta[meta["k"] == 1], on=["claim_id", "contrast"], suffixes=("", "_meta"))
+    single = meta.loc[meta["k"] == 1, ["claim_id", "contrast", "verdict"]]
+    both = claims.merge(single.rename(columns={"verdict": "verdict_meta"}),
+                        on=["claim_id", "contrast"])
     assert len(both) > 10
     assert (both["verdict"] == both["verdict_meta"]).all()

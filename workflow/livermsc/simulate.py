@@ -2,22 +2,33 @@
 
 The model, per sample (one animal each):
 
-* cell-type composition: a baseline share per cell type, perturbed per animal on the logit scale;
-  states within a type (Kupffer vs monocyte-derived macrophages, Tregs vs conventional CD4 T cells)
-  are shares of their parent type and can carry planted effects (``kind: share``);
+* cell-type composition: a baseline share per cell type, perturbed per animal on the logit scale,
+  optionally scaled per arm (``population_scale``: e.g. 15 stellate cells per sample in one arm
+  and 200 in another); states within a type (Kupffer vs monocyte-derived macrophages, Tregs vs
+  conventional CD4 T cells) are shares of their parent type (baselines overridable with
+  ``state_baseline``) and can carry planted effects (``kind: share``);
 * expression: per cell type, log-weights over genes (background genes, real marker genes,
-  signature genes, mitochondrial, ribosomal and haemoglobin genes), plus a random effect per
-  animal and gene (SD ``animal_sd``), a technical batch effect per batch and gene (SD
-  ``batch_sd``) and the planted programme effects (``kind: program``): every gene of a signature
-  is shifted, in one population, by ``size * animal_sd`` on the log scale;
+  signature genes, mitochondrial, ribosomal and haemoglobin genes), plus an animal effect per
+  gene (SD ``animal_sd``, scaled per arm by ``arm_sd``) made of a component shared by the genes
+  of each signature (correlation ``programme_correlation``) and a per-gene part, a technical
+  batch effect per batch and gene (SD ``batch_sd``) and the planted programme effects
+  (``kind: program``): every gene of a signature is shifted, in one population, by
+  ``size`` x the between-animal SD of the signature's mean log expression
+  (``animal_sd * sqrt(rho + (1 - rho) / k)`` for ``k`` genes at correlation ``rho``);
+* optional traps: signature genes held at a fixed mean of UMIs per cell in their home
+  population (``signature_umi``), a non-signature programme taking a share of a population's
+  UMIs in one arm (``background_programme``, a composition shift) and batch equal to arm
+  (``batch_by_arm``);
 * counts: negative binomial (gamma-Poisson) around library size x gene weights, with log-normal
   library sizes per cell type;
 * low-quality cells (small libraries, high mitochondrial share) and heterotypic/homotypic
   doublets (two cells' counts summed), flagged in the truth table.
 
-Effect sizes are therefore in units of the between-animal SD of one gene's log expression.
+Programme effect sizes are therefore in units of the between-animal SD of the signature score
+(score-level SD); share effects in between-animal SDs of the logit share (``share_sd``).
 Arms form a tree (``arms: {arm: parent}``); an effect's contrast is ``[arm, parent]`` and an arm
-inherits its parent's levels, so ``injury_msc`` carries the injury effects plus its own.
+inherits its parent's levels, so ``injury_msc`` carries the injury effects plus its own. The
+traps (``population_scale``, ``arm_sd``, ``background_programme``) act on the arm named only.
 """
 
 from __future__ import annotations
@@ -96,7 +107,7 @@ class Effect:
     kind: str  # "program" or "share"
     population: str  # cell_type or cell_state the effect acts in
     contrast: tuple[str, str]  # (arm, reference arm = its parent)
-    size: float  # in between-animal SDs
+    size: float  # in score-level (programme) or logit-share (share) between-animal SDs
     program: str | None = None  # signature id for kind=program
 
     def as_dict(self) -> dict[str, Any]:
@@ -112,15 +123,17 @@ def _to_species(symbols: list[str], species: str) -> list[str]:
 
 
 def design(params: dict, species: str = "mouse") -> pd.DataFrame:
-    """The sample sheet of a simulated study: one animal per sample, batches alternating."""
+    """The sample sheet of a simulated study: one animal per sample, batches alternating within
+    each arm (or one batch per arm with ``batch_by_arm``)."""
     rows = []
     n_batches = int(params.get("n_batches", 2))
+    by_arm = bool(params.get("batch_by_arm", False))
     for arm in params["arms"]:
         for i in range(int(params["animals_per_arm"])):
             sample = f"{arm}_{i + 1}"
-            rows.append({"sample": sample, "arm": arm, "animal": sample,
-                         "batch": f"batch{(i % n_batches) + 1}", "path": sample,
-                         "format": "10x_mtx", "species": species})
+            batch = f"batch_{arm}" if by_arm else f"batch{(i % n_batches) + 1}"
+            rows.append({"sample": sample, "arm": arm, "animal": sample, "batch": batch,
+                         "path": sample, "format": "10x_mtx", "species": species})
     return pd.DataFrame(rows)
 
 
@@ -143,7 +156,32 @@ def parse_effects(params: dict) -> list[Effect]:
         if eff.kind == "program" and not eff.program:
             raise ValueError(f"effect {eff.id}: program effects need 'program' (a signature id)")
         effects.append(eff)
+    _check_traps(params, populations)
     return effects
+
+
+def _check_traps(params: dict, populations: set[str]) -> None:
+    """Check that the trap settings name known arms, cell types and cell states."""
+    arms = set(params["arms"])
+    for field in ("arm_sd", "population_scale"):
+        for arm in params.get(field, {}) or {}:
+            if arm not in arms:
+                raise ValueError(f"{field}: unknown arm {arm!r} (arms: {sorted(arms)})")
+    for arm, scales in (params.get("population_scale") or {}).items():
+        for pop in scales:
+            if pop not in CELL_TYPES:
+                raise ValueError(f"population_scale.{arm}: {pop!r} is not a cell type "
+                                 f"{sorted(CELL_TYPES)}")
+    for state, share in (params.get("state_baseline") or {}).items():
+        if state not in CELL_STATES:
+            raise ValueError(f"state_baseline: {state!r} is not a cell state {sorted(CELL_STATES)}")
+        if not 0 < float(share) < 1:
+            raise ValueError(f"state_baseline.{state}: {share} (expected: between 0 and 1)")
+    for spec in params.get("background_programme") or []:
+        if spec["arm"] not in arms:
+            raise ValueError(f"background_programme: unknown arm {spec['arm']!r}")
+        if spec["population"] not in populations:
+            raise ValueError(f"background_programme: unknown population {spec['population']!r}")
 
 
 def arm_levels(arms: dict[str, str | None], effects: list[Effect]) -> dict[str, dict[str, float]]:
@@ -169,7 +207,8 @@ class _Genome:
     """Gene universe and per-population baseline log-weights."""
 
     def __init__(self, signatures: dict[str, list[str]], n_background: int,
-                 rng: np.random.Generator) -> None:
+                 rng: np.random.Generator, params: dict | None = None) -> None:
+        params = params or {}
         named: list[str] = []
         for _, _, markers in CELL_TYPES.values():
             named += markers
@@ -205,23 +244,73 @@ class _Genome:
         self.mito = np.array([self.index[g] for g in MITO_GENES])
         self.hb = np.array([self.index[g] for g in HB_GENES])
         self.signatures = {k: np.array([self.index[g] for g in v]) for k, v in signatures.items()}
+        self.homes = {k: dict(v) for k, v in SIGNATURE_HOMES.items()}
+        for sig, homes in (params.get("signature_homes") or {}).items():
+            self.homes.setdefault(sig, {}).update(homes)
+        self.signature_umi = {k: tuple(v) for k, v in (params.get("signature_umi") or {}).items()}
+        self.rho = float(params.get("programme_correlation", 0.0))
+        # non-signature genes that a background programme can take over (first background genes)
+        self.background = np.arange(len(named), n)
+        # each gene's signatures, for the shared animal component
+        member: dict[int, list[str]] = {}
+        for sig, idx in self.signatures.items():
+            for i in idx:
+                member.setdefault(int(i), []).append(sig)
+        self.membership = member
+        self._profiles: dict[tuple[str, str | None], np.ndarray] = {}
+
+    def score_sd(self, signature: str, animal_sd: float) -> float:
+        """Between-animal SD of the mean log expression of a signature's genes."""
+        k = max(len(self.signatures.get(signature, ())), 1)
+        return float(animal_sd * np.sqrt(self.rho + (1 - self.rho) / k))
+
+    def animal_effect(self, animal_sd: float, rng: np.random.Generator) -> np.ndarray:
+        """One animal's log-shift per gene: a component shared by each signature's genes
+        (correlation ``rho``) plus a per-gene part; every gene's SD is ``animal_sd``."""
+        n = len(self.genes)
+        rho = self.rho
+        shared = {sig: rng.normal() for sig in self.signatures} if rho > 0 else {}
+        out = rng.normal(0, 1, n)
+        if rho > 0:
+            out[list(self.membership)] *= np.sqrt(1 - rho)
+            for i, sigs in self.membership.items():
+                out[i] += np.sqrt(rho) * sum(shared[s] for s in sigs) / np.sqrt(len(sigs))
+        return animal_sd * out
 
     def profile(self, cell_type: str, state: str | None) -> np.ndarray:
         """Baseline log-weights of one population (a cell type, refined by its state)."""
+        key = (cell_type, state)
+        if key in self._profiles:
+            return self._profiles[key].copy()
         w = self.weights[cell_type].copy()
-        for sig, homes in SIGNATURE_HOMES.items():
+        fixed: dict[int, float] = {}  # gene -> target share of the population's UMIs
+        lib = float(np.exp(CELL_TYPES[cell_type][1]))
+        for sig, homes in self.homes.items():
             if sig not in self.signatures:
                 continue
             for pop, lift in homes.items():
                 if pop in (cell_type, state):
                     idx = self.signatures[sig]
                     w[idx] = np.maximum(w[idx], lift)
+                    if sig in self.signature_umi:
+                        lo, hi = self.signature_umi[sig]
+                        for i, umi in zip(idx, np.geomspace(lo, hi, idx.size), strict=True):
+                            fixed[int(i)] = umi / lib
         if state is not None:
             for g in CELL_STATES[state][2]:
                 w[self.index[g]] = 3.5
         # mitochondrial share ~6% (hepatocytes ~9%), as in liver 10x data
         w[self.mito] = 3.3 if cell_type == "hepatocyte" else 2.8
-        return w
+        if fixed:
+            # signature genes at a fixed mean UMI per cell: set their weights against the rest
+            idx = np.array(list(fixed))
+            target = np.array(list(fixed.values()))
+            rest = np.ones(w.size, bool)
+            rest[idx] = False
+            z = np.exp(w[rest] - w.max()).sum()
+            w[idx] = np.log(target * z / (1 - target.sum())) + w.max()
+        self._profiles[key] = w
+        return w.copy()
 
 
 def _load_signatures(path: str | Path) -> dict[str, list[str]]:
@@ -248,22 +337,44 @@ def _nb(mean: np.ndarray, theta: float, rng: np.random.Generator) -> np.ndarray:
     return rng.poisson(lam)
 
 
+def _state_baseline(params: dict, first: str, second: str) -> float:
+    """Baseline share of the first state of a parent type (``state_baseline`` overrides)."""
+    base = params.get("state_baseline") or {}
+    if first in base:
+        return float(base[first])
+    if second in base:
+        return 1.0 - float(base[second])
+    return CELL_STATES[first][1]
+
+
+def _take_over(p: np.ndarray, genes: np.ndarray, share: float) -> np.ndarray:
+    """Rescale a probability vector so that ``genes`` take ``share`` of it (in place)."""
+    cur = p[genes].sum()
+    rest = np.ones(p.size, bool)
+    rest[genes] = False
+    p[genes] *= share / cur
+    p[rest] *= (1 - share) / (1 - cur)
+    return p
+
+
 def simulate_sample(genome: _Genome, params: dict, arm_level: dict[str, float],
                     effects: list[Effect], animal_gene: np.ndarray, batch_gene: np.ndarray,
-                    batch_lib: float, n_cells: int, rng: np.random.Generator
+                    batch_lib: float, n_cells: int, rng: np.random.Generator, arm: str = ""
                     ) -> tuple[sp.csr_matrix, pd.DataFrame]:
-    """Counts and truth of one sample (cells x genes)."""
+    """Counts and truth of one sample (cells x genes) of arm ``arm``."""
     animal_sd = float(params["animal_sd"])
-    # composition: per-animal logit noise around the baseline shares
-    shares = np.array([CELL_TYPES[ct][0] for ct in CELL_TYPES])
+    # composition: per-animal logit noise around the baseline shares (scaled per arm)
+    scale = (params.get("population_scale") or {}).get(arm, {})
+    shares = np.array([CELL_TYPES[ct][0] * float(scale.get(ct, 1.0)) for ct in CELL_TYPES])
     logits = np.log(shares) + rng.normal(0, params["composition_sd"], size=shares.size)
     comp = np.exp(logits) / np.exp(logits).sum()
     counts_per_type = rng.multinomial(n_cells, comp)
+    bursts = [b for b in params.get("background_programme") or [] if b["arm"] == arm]
     state_logit: dict[str, float] = {}
     for parent in dict.fromkeys(p for p, _, _ in CELL_STATES.values()):
         states = [s for s, (p, _, _) in CELL_STATES.items() if p == parent]
         first = states[0]
-        p0 = CELL_STATES[first][1]
+        p0 = _state_baseline(params, states[0], states[1])
         lg = np.log(p0 / (1 - p0)) + rng.normal(0, params["share_sd"])
         for e in effects:
             if e.kind == "share" and e.population in states:
@@ -286,9 +397,14 @@ def simulate_sample(genome: _Genome, params: dict, arm_level: dict[str, float],
             w = genome.profile(ct, st) + animal_gene + batch_gene
             for e in effects:
                 if e.kind == "program" and e.population in (ct, st) and e.program in genome.signatures:
-                    w[genome.signatures[e.program]] += arm_level[e.id] * animal_sd
+                    w[genome.signatures[e.program]] += (arm_level[e.id]
+                                                        * genome.score_sd(e.program, animal_sd))
             p = np.exp(w - w.max())
             p /= p.sum()
+            for b in bursts:
+                if b["population"] in (ct, st):
+                    _take_over(p, genome.background[:int(b.get("n_genes", 50))],
+                               float(b["share"]))
             lib = np.exp(rng.normal(CELL_TYPES[ct][1], 0.3, size=n)) * batch_lib
             counts = _nb(lib[:, None] * p[None, :], params["theta"], rng)
             blocks.append(sp.csr_matrix(counts.astype(np.int32)))
@@ -359,7 +475,7 @@ def iter_samples(params: dict, signatures: dict[str, list[str]], seed: int = 0,
     parameters, signatures and seed give the same counts either way.
     """
     rng = np.random.default_rng(seed)
-    genome = _Genome(signatures, int(params["n_background_genes"]), rng)
+    genome = _Genome(signatures, int(params["n_background_genes"]), rng, params)
     effects = parse_effects(params)
     levels = arm_levels(params["arms"], effects)
     sheet = design(params, species)
@@ -369,15 +485,26 @@ def iter_samples(params: dict, signatures: dict[str, list[str]], seed: int = 0,
     batch_lib = {b: float(np.exp(rng.normal(0, 0.15))) for b in batches}
     per_sample = int(params["n_cells"]) // len(sheet)
 
+    arm_sd = params.get("arm_sd") or {}
+
     def samples():
         for row in sheet.itertuples():
-            animal_gene = rng.normal(0, params["animal_sd"], n_genes)
+            sd = float(params["animal_sd"]) * float(arm_sd.get(row.arm, 1.0))
+            animal_gene = genome.animal_effect(sd, rng)
             n = int(rng.integers(int(per_sample * 0.8), int(per_sample * 1.2)))
             X, obs = simulate_sample(genome, params, levels[row.arm], effects, animal_gene,
-                                     batch_gene[row.batch], batch_lib[row.batch], n, rng)
+                                     batch_gene[row.batch], batch_lib[row.batch], n, rng,
+                                     arm=row.arm)
             yield SimulatedSample(row, X, obs, _barcodes(X.shape[0], rng))
 
     return _to_species(genome.genes, species), effects, levels, samples()
+
+
+def _genome_score_sd(params: dict, signatures: dict[str, list[str]], signature: str) -> float:
+    """Score-level SD of a signature (the unit of its programme effects)."""
+    k = max(len(signatures[signature]), 1)
+    rho = float(params.get("programme_correlation", 0.0))
+    return float(params["animal_sd"] * np.sqrt(rho + (1 - rho) / k))
 
 
 def simulate_study(params: dict, species: str, signatures_path: str | Path, outdir: str | Path,
@@ -406,8 +533,9 @@ def simulate_study(params: dict, species: str, signatures_path: str | Path, outd
     truth = {
         "seed": seed,
         "species": species,
-        "effect_unit": "between-animal SD of one gene's log expression (program); "
-                       "of the logit share (share)",
+        "effect_unit": "between-animal SD of the signature's mean log expression in the "
+                       "population (program); of the logit share (share)",
+        "score_sd": {sig: _genome_score_sd(params, signatures, sig) for sig in signatures},
         "params": {k: v for k, v in params.items() if k != "effects"},
         "effects": [e.as_dict() for e in effects],
         "arm_levels": levels,
