@@ -298,8 +298,6 @@ def test_study_continues_without_a_sample_that_lost_every_cell(tmp_path):
     assert set(merged.obs["sample"].astype(str)) == {"kept0", "kept1"}
 
 
-@pytest.mark.xfail(reason="the summary shows the QC table (n_cells_out 0) but does not say that "
-                          "the sample was left out (livermsc.report.build_summary)", strict=True)
 def test_summary_says_which_sample_lost_every_cell():
     scores, coverage = _scores({"injury": 3, "injury_msc": 3})
     table, _ = evaluate_study(scores, coverage, CATALOGUE, "x",

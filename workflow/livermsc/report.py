@@ -260,9 +260,7 @@ def plot_forest(claims: pd.DataFrame, meta: pd.DataFrame | None, stem: str | Pat
     """Forest plot of every claim contrast: study effects with CIs and the pooled diamond."""
     studies, pooled = forest_tables(claims, meta, source)
     if studies.empty:  # no contrast could be tested anywhere: say so, do not stop the run
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6.5, 1.5))
+        fig, ax = plotting.plt.subplots(figsize=(6.5, 1.5))
         ax.axis("off")
         ax.text(0.0, 0.8, "forest plot: not drawn\nno claim contrast has a study effect "
                 "(every row inconclusive; see the claims tables for why)", va="top",
@@ -372,10 +370,22 @@ def build_summary(claims: pd.DataFrame, meta: pd.DataFrame | None, *,
         blocks += [Block("h2", f"Study {study}"), Block("h3", "Claims"),
                    Block("table", study_claims_table(sub, claim_figure_dirs[study], fmt))]
         if qc and study in qc:
-            blocks += [Block("h3", "Quality control"), Block("table", qc[study])]
+            blocks += [Block("h3", "Quality control"), *qc_notes(qc[study]),
+                       Block("table", qc[study])]
         if metrics and study in metrics:
             blocks += [Block("h3", "Integration metrics"), Block("table", metrics[study])]
     return blocks
+
+
+def qc_notes(qc: pd.DataFrame) -> list[Block]:
+    """A sentence naming the samples QC left without cells (the study went on without them)."""
+    if "n_cells_out" not in qc or "sample" not in qc:
+        return []
+    lost = qc.loc[pd.to_numeric(qc["n_cells_out"], errors="coerce") == 0, "sample"].astype(str)
+    if lost.empty:
+        return []
+    return [Block("p", f"Left out: {', '.join(lost)} lost every cell in QC; this study's "
+                       "statistics use its other samples.")]
 
 
 def _cell(value: Any) -> str:
