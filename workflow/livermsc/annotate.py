@@ -297,16 +297,44 @@ def marker_auc(profiles: pd.DataFrame, sets: Mapping[str, list[str]],
     return pd.DataFrame(out, index=profiles.index)
 
 
+def contrast_auc(profiles: pd.DataFrame, best: pd.Series, sets: Mapping[str, list[str]],
+                 min_genes: int = 2) -> pd.Series:
+    """Per cluster, the rank enrichment (as :func:`marker_auc`) of its best type's markers in
+    its profile minus the mean profile of the clusters whose best type differs, each gene scaled
+    by its standard deviation over clusters.
+
+    This is the evidence when the measured genes are themselves a selection of highly expressed
+    genes (a targeted panel), where a type's markers need not outrank the cluster's other genes
+    although they clearly separate it from the other types' clusters. NaN when every cluster has
+    the same best type (a one-type study: only the cluster's own profile can speak).
+    """
+    out = pd.Series(np.nan, index=best.index, dtype=float)
+    sd = profiles.std(axis=0, ddof=0)
+    profiles = profiles.loc[:, sd > 0] / sd[sd > 0]  # each gene in units of its spread over clusters
+    for cl, t in best.items():
+        others = best.index[best != t]
+        if len(others) == 0 or t not in sets:
+            continue
+        diff = profiles.loc[[cl]] - profiles.loc[others].mean(axis=0)
+        out[cl] = float(marker_auc(diff, {t: sets[t]}, min_genes)[t].iloc[0])
+    return out
+
+
 def assign_clusters(scores: pd.DataFrame, clusters: pd.Series,
                     auc: pd.DataFrame | None = None, min_marker_auc: float = 0.75,
                     min_confidence: float = 0.5, min_margin: float = 0.0,
-                    cell_scores: pd.DataFrame | None = None) -> pd.DataFrame:
+                    cell_scores: pd.DataFrame | None = None,
+                    profiles: pd.DataFrame | None = None,
+                    sets: Mapping[str, list[str]] | None = None,
+                    min_genes: int = 2) -> pd.DataFrame:
     """Call each cluster's type from the cells' type scores (see the module docstring).
 
     The best type is the one with the highest mean score in the cluster (a comparison between
     types within the cluster, never an absolute score level). The call stands when (1) the
     best type's markers are enriched in the cluster's own profile: ``auc`` (clusters x types,
-    :func:`marker_auc`) at least ``min_marker_auc`` (no ``auc``: not checked), (2) at least
+    :func:`marker_auc`) at least ``min_marker_auc`` (no ``auc``: not checked) — or, with
+    ``profiles`` and ``sets``, enriched against the clusters of the other types
+    (:func:`contrast_auc`, column ``marker_auc_contrast``) at least ``min_marker_auc`` — (2) at least
     ``min_confidence`` of its cells have it as their own best type (``cell_scores``, default
     ``scores``; e.g. kNN-smoothed) and (3) the best and second-best mean scores differ by at
     least ``min_margin``; otherwise the cluster is ``unassigned`` and ``reason`` says why.
@@ -319,8 +347,13 @@ def assign_clusters(scores: pd.DataFrame, clusters: pd.Series,
     per_cell = valid if cell_scores is None else cell_scores[valid.columns]
     cell_best = per_cell.idxmax(axis=1)
     clusters = clusters.astype(str)
+    groups = clusters.groupby(clusters, observed=True, sort=False).groups
+    best_types = pd.Series({cl: valid.loc[idx].mean(axis=0).idxmax() for cl, idx in groups.items()})
+    contrast = (contrast_auc(profiles, best_types, sets, min_genes)
+                if profiles is not None and sets is not None
+                else pd.Series(np.nan, index=best_types.index, dtype=float))
     rows = []
-    for cl, idx in clusters.groupby(clusters, observed=True, sort=False).groups.items():
+    for cl, idx in groups.items():
         means = valid.loc[idx].mean(axis=0).sort_values(ascending=False)
         best, second = means.index[0], (means.index[1] if len(means) > 1 else None)
         best_score = float(means.iloc[0])
@@ -329,8 +362,11 @@ def assign_clusters(scores: pd.DataFrame, clusters: pd.Series,
         confidence = float((cell_best.loc[idx] == best).mean())
         best_auc = float(auc.loc[cl, best]) if auc is not None else float("nan")
         reasons = []
-        if auc is not None and not best_auc >= min_marker_auc:
-            reasons.append(f"{best} marker AUC {best_auc:.2f} < min_marker_auc {min_marker_auc}")
+        vs_others = float(contrast[cl])
+        if auc is not None and not (best_auc >= min_marker_auc or vs_others >= min_marker_auc):
+            against = "" if np.isnan(vs_others) else f" (vs other types' clusters {vs_others:.2f})"
+            reasons.append(f"{best} marker AUC {best_auc:.2f}{against} < min_marker_auc "
+                           f"{min_marker_auc}")
         if confidence < min_confidence:
             reasons.append(f"confidence {confidence:.2f} < min_confidence {min_confidence}")
         if margin < min_margin:
@@ -339,7 +375,7 @@ def assign_clusters(scores: pd.DataFrame, clusters: pd.Series,
                      "cell_type": UNASSIGNED if reasons else best, "best_type": best,
                      "best_score": best_score, "second_type": second,
                      "second_score": second_score, "margin": margin, "marker_auc": best_auc,
-                     "confidence": confidence, "reason": "; ".join(reasons)})
+                     "marker_auc_contrast": vs_others, "confidence": confidence, "reason": "; ".join(reasons)})
     table = pd.DataFrame(rows)
     order = pd.to_numeric(table["cluster"], errors="coerce")
     return table.assign(_o=order).sort_values(["_o", "cluster"]).drop(columns="_o").reset_index(drop=True)
@@ -449,12 +485,15 @@ def annotate(adata: ad.AnnData, panel: Panel, cfg: Mapping[str, Any], seed: int,
     type_sets = {k: v for k, v in type_sets.items() if k in valid.columns}
 
     def call(labels: pd.Series) -> pd.DataFrame:
-        auc = marker_auc(cluster_profiles(adata, labels), type_sets, acfg["min_markers"])
-        return assign_clusters(valid, labels, auc, cell_scores=cell_scores, **thresholds)
+        profiles = cluster_profiles(adata, labels)
+        auc = marker_auc(profiles, type_sets, acfg["min_markers"])
+        return assign_clusters(valid, labels, auc, cell_scores=cell_scores, profiles=profiles,
+                               sets=type_sets, min_genes=acfg["min_markers"], **thresholds)
 
     table = call(clusters)
+    evidence = table[["marker_auc", "marker_auc_contrast"]].max(axis=1)
     mixed = table.loc[(table["cell_type"] == UNASSIGNED)
-                      & (table["marker_auc"] >= acfg["min_marker_auc"]), "cluster"].tolist()
+                      & (evidence >= acfg["min_marker_auc"]), "cluster"].tolist()
     if mixed and acfg["subcluster_resolution"] is not None:
         log.info("re-clustering %d mixed cluster(s): %s", len(mixed), mixed)
         clusters = _subcluster(adata, cluster_key, mixed, cfg, seed)
