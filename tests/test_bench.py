@@ -192,7 +192,9 @@ def test_run_measured_times_a_child(tmp_path):
     assert (tmp_path / "child.log").read_text().strip() == "done"
     assert m.wall_s >= 0.5
     assert m.cpu_s >= 0.3
-    assert 300 <= m.max_rss_mb < 1000
+    # ru_maxrss survives fork + exec: from a large parent (this test process) it can only be
+    # bounded below; the harness starts its runs from the small command-line process
+    assert m.max_rss_mb >= 300
 
 
 def test_environment_names_machine_and_versions():

@@ -146,7 +146,9 @@ def run_measured(cmd: Sequence[str], cwd: str | Path, log: str | Path,
     """Run ``cmd`` in ``cwd`` (stdout + stderr into ``log``) and measure it with ``os.wait4``.
 
     ``ru_maxrss`` of ``wait4`` is the largest peak RSS of the process and the descendants it
-    waited for (KiB on Linux), i.e. that of its largest single process.
+    waited for (KiB on Linux), i.e. that of its largest single process. It survives fork and
+    exec, so it is at least the RSS of the calling process: call this from a small process
+    (as ``livermsc bench`` does), not from a large one.
     """
     with open(log, "w") as fh:
         start = time.perf_counter()
