@@ -527,6 +527,13 @@ class MetaResult:
     method: str = ""
 
 
+def _usable(effects: Sequence[float], variances: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Study effects and variances with the missing or non-positive-variance ones left out."""
+    y, v = np.asarray(effects, float), np.asarray(variances, float)
+    ok = np.isfinite(y) & np.isfinite(v) & (v > 0)
+    return y[ok], v[ok]
+
+
 def _q_stats(y: np.ndarray, v: np.ndarray) -> tuple[float, float, float]:
     """Cochran's Q, its p-value and I^2 (fixed-effect weights)."""
     k = len(y)
@@ -542,9 +549,7 @@ def _q_stats(y: np.ndarray, v: np.ndarray) -> tuple[float, float, float]:
 def dersimonian_laird(effects: Sequence[float], variances: Sequence[float]) -> MetaResult:
     """DerSimonian-Laird random-effects meta-analysis with a Wald z interval (reference only:
     anti-conservative with few studies; the claims stage uses :func:`meta_reml_hk`)."""
-    y, v = np.asarray(effects, float), np.asarray(variances, float)
-    ok = np.isfinite(y) & np.isfinite(v) & (v > 0)
-    y, v = y[ok], v[ok]
+    y, v = _usable(effects, variances)
     k = len(y)
     nan = float("nan")
     if k == 0:
@@ -589,9 +594,7 @@ def meta_reml_hk(effects: Sequence[float], variances: Sequence[float], level: fl
 
     One study: its own estimate (SE sqrt(v), normal interval), tau^2 0, nothing else defined.
     ``tau2`` fixes the between-study variance instead of estimating it (REML)."""
-    y, v = np.asarray(effects, float), np.asarray(variances, float)
-    ok = np.isfinite(y) & np.isfinite(v) & (v > 0)
-    y, v = y[ok], v[ok]
+    y, v = _usable(effects, variances)
     k = len(y)
     nan = float("nan")
     if k == 0:
