@@ -1,7 +1,7 @@
 """Bad input files at the ingest stage: one test per case.
 
 Each case goes through the ingest rule's entry point (``livermsc.runner.run`` calling
-``livermsc.ingest:snakemake_entry``, as the rule does) and asserts the specific
+``livermsc.ingest:rule_ingest``, as the rule does) and asserts the specific
 :class:`IngestError`, that its message names the file and what was expected, that the rule's
 output does not exist afterwards and that the log file holds the reason. Three cases also run
 through ``snakemake`` on a one-sample local study, to show that the user sees the message and
@@ -52,7 +52,7 @@ def ingest_rule(tmp_path: Path, data: Path, fmt: str, species: str = "mouse") ->
         input=SimpleNamespace(data=str(data)), output=_Outputs(h5ad=str(out)),
         log=[str(tmp_path / "logs" / "ingest.log")], rule="ingest",
         wildcards=SimpleNamespace(study="bad", sample="s1"),
-        params=SimpleNamespace(entry="livermsc.ingest:snakemake_entry", simulated=False,
+        params=SimpleNamespace(entry="livermsc.ingest:rule_ingest", simulated=False,
                                species=species, combined={},
                                sample_row={"sample": "s1", "arm": "healthy", "path": data.name,
                                            "format": fmt}))

@@ -21,8 +21,8 @@ from livermsc.claims import (
     evaluate_study,
     load_catalogue,
     meta_analysis,
-    snakemake_entry,
-    snakemake_meta_entry,
+    rule_claims,
+    rule_claims_meta,
     summary_markdown,
 )
 from livermsc.config import ConfigError
@@ -447,7 +447,7 @@ class _named(SimpleNamespace):
 
 
 def test_rule_entry_points(sim_adata, tmp_path):
-    from livermsc.score import snakemake_entry as score_entry
+    from livermsc.score import rule_score as score_entry
 
     a = sim_adata[~(sim_adata.obs["is_doublet"] | sim_adata.obs["is_low_quality"]).to_numpy()]
     a = a.copy()
@@ -477,7 +477,7 @@ def test_rule_entry_points(sim_adata, tmp_path):
                       gmt=str(out / "scores/signatures.gmt")),
         params=SimpleNamespace(cfg=score_cfg, species="mouse", seed=0),
         wildcards=SimpleNamespace(study="sim"), threads=1))
-    snakemake_entry(SimpleNamespace(
+    rule_claims(SimpleNamespace(
         input=_named(scores=str(out / "scores/sample_scores.tsv"),
                      coverage=str(out / "scores/signature_coverage.tsv"),
                      pseudobulk=str(out / "scores/pseudobulk.h5ad"),
@@ -495,7 +495,7 @@ def test_rule_entry_points(sim_adata, tmp_path):
     text = (out / "claims_summary.md").read_text()
     assert text.splitlines()[0] == "# Claims tested in study `sim`"
     # the default method: voom on the score stage's pseudobulk counts
-    snakemake_entry(SimpleNamespace(
+    rule_claims(SimpleNamespace(
         input=_named(scores=str(out / "scores/sample_scores.tsv"),
                      coverage=str(out / "scores/signature_coverage.tsv"),
                      pseudobulk=str(out / "scores/pseudobulk.h5ad"),
@@ -511,7 +511,7 @@ def test_rule_entry_points(sim_adata, tmp_path):
     expected = signature_marker_overlap(CELLTYPES, PLANTED_SIGNATURES, "cell_type", "hsc",
                                         "hsc_activation", "mouse")
     assert str(voom.loc["ctl", "marker_overlap"]) == (",".join(expected) or "nan")
-    snakemake_meta_entry(SimpleNamespace(
+    rule_claims_meta(SimpleNamespace(
         input=_named(claims=[str(out / "claims.tsv")]),
         output=_named(meta=str(tmp_path / "results/claims_meta.tsv")),
         params=SimpleNamespace(cfg={})))

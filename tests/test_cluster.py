@@ -144,7 +144,7 @@ def test_integration_metrics_rule_never_fails(tmp_path):
     """The diagnostic rule writes a 'not computed: why' table and figure whatever goes wrong."""
     from types import SimpleNamespace
 
-    from livermsc.integrate import snakemake_metrics
+    from livermsc.integrate import rule_integration_metrics
 
     a = ad.AnnData(np.zeros((30, 2), dtype=np.float32),
                    obs=pd.DataFrame({"cell_type": ["hepatocyte"] * 30, "sample": ["x", "y"] * 15},
@@ -161,7 +161,7 @@ def test_integration_metrics_rule_never_fails(tmp_path):
                                    figures=[str(out / "metrics.png")]),
             params=SimpleNamespace(cfg=cfg, batch_key="sample", seed=0, formats=["png"]))
         out.mkdir()
-        snakemake_metrics(smk)
+        rule_integration_metrics(smk)
         table = pd.read_csv(out / "metrics.tsv", sep="\t")
         assert len(table) == 2 * len(cfg["metrics"])
         assert table["value"].isna().all()

@@ -23,8 +23,8 @@ from livermsc.qc import (
     mad_bounds,
     mt_classes_of,
     run_qc,
-    snakemake_entry,
-    snakemake_summary,
+    rule_qc,
+    rule_qc_summary,
 )
 
 DEFAULT_QC = validate({"studies": ["demo"]}, "config", "config.yaml")["qc"]
@@ -300,7 +300,7 @@ def test_snakemake_entries_write_outputs(sim_study, tmp_path):
     for row in sheet.head(2).to_dict("records"):
         raw_path = tmp_path / "raw" / f"{row['sample']}.h5ad"
         raw_path.parent.mkdir(exist_ok=True)
-        from livermsc.ingest import snakemake_entry as ingest_entry
+        from livermsc.ingest import rule_ingest as ingest_entry
 
         ingest_entry(SimpleNamespace(
             input=SimpleNamespace(data=str(folder)), output=SimpleNamespace(h5ad=str(raw_path)),
@@ -318,14 +318,14 @@ def test_snakemake_entries_write_outputs(sim_study, tmp_path):
                                    species="mouse", seed=0, formats=["png"]),
             wildcards=SimpleNamespace(study="sim", sample=row["sample"]))
         Path(smk.output.table).parent.mkdir(parents=True, exist_ok=True)
-        snakemake_entry(smk)
+        rule_qc(smk)
         assert fig.stat().st_size > 10_000
         tables.append(smk.output.table)
         kept = ad.read_h5ad(smk.output.h5ad)
         assert kept.uns["qc"]["max_pct_mt"] == 20.0
         assert set(kept.obs["sample"]) == {row["sample"]}
     summary = tmp_path / "qc" / "qc_summary.tsv"
-    snakemake_summary(SimpleNamespace(input=SimpleNamespace(tables=tables),
+    rule_qc_summary(SimpleNamespace(input=SimpleNamespace(tables=tables),
                                       output=SimpleNamespace(tsv=str(summary))))
     t = pd.read_csv(summary, sep="\t")
     assert t["sample"].tolist() == sheet["sample"].head(2).tolist()

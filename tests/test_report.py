@@ -230,7 +230,7 @@ def test_write_summary_produces_every_file(tmp_path, tables):
         params=SimpleNamespace(studies=["s1", "s2"], formats=list(FORMATS), dpi=60,
                                effect_limit=3.0, embed=True),
         config={"seed": 7})
-    report.summary_entry(smk)
+    report.rule_report_summary(smk)
 
     assert_valid_figure_files([Path(p) for p in smk.output.heatmap])
     assert_valid_figure_files([Path(p) for p in smk.output.forest])

@@ -52,3 +52,27 @@ def test_success_keeps_outputs(tmp_path, entry_module):
     out = tmp_path / "done.txt"
     run(_smk(tmp_path, "livermsc_test_entries:ok", [str(out)]))
     assert out.read_text() == "done"
+
+
+def test_every_rule_names_its_entry_point_rule_underscore_rule_name():
+    """One naming rule: the rule ``x`` calls ``livermsc.<stage>:rule_x`` (per-study rules
+    ``unpack_<study>`` share ``rule_unpack``), and that function exists."""
+    import importlib
+    import re
+    from pathlib import Path
+
+    rules_dir = Path(__file__).resolve().parents[1] / "workflow" / "rules"
+    seen = 0
+    for smk in sorted(rules_dir.glob("*.smk")):
+        text = smk.read_text()
+        for block in re.split(r"\n(?=\s*rule[ :])", text):
+            entry = re.search(r'entry="([\w.]+):(\w+)"', block)
+            if entry is None:
+                continue
+            name = re.match(r"\s*rule (\w+):", block)
+            rule = name.group(1) if name else re.search(r'f"(\w+?)_\{', block).group(1)
+            module, func = entry.groups()
+            assert func == f"rule_{rule}", f"{smk.name}: rule {rule} calls {func}"
+            assert callable(getattr(importlib.import_module(module), func))
+            seen += 1
+    assert seen >= 17

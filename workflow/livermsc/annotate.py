@@ -555,9 +555,9 @@ def annotate(adata: ad.AnnData, panel: Panel, cfg: Mapping[str, Any], seed: int,
     return table
 
 
-def snakemake_entry(smk: Any) -> None:
+def rule_annotate(smk: Any) -> None:
     """Rule ``annotate``: cell types and states into annotated.h5ad, plus the cluster table
-    (``annotate_reference`` runs :func:`livermsc.reference.snakemake_entry` instead)."""
+    (``annotate_reference`` runs :func:`livermsc.reference.rule_annotate` instead)."""
     panel = load_panel(smk.input.celltypes, species=smk.params.species)
     adata = ad.read_h5ad(smk.input.h5ad)
     table = annotate(adata, panel, smk.params.cfg, int(smk.params.seed), int(smk.threads))

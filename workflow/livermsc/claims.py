@@ -860,7 +860,7 @@ def marker_overlap_from_panel(panel_path: str | Path, signatures: Mapping[str, S
     return overlap
 
 
-def snakemake_entry(smk: Any) -> None:
+def rule_claims(smk: Any) -> None:
     """Rule ``claims``: verdicts of one study."""
     import anndata as ad
 
@@ -888,7 +888,7 @@ def snakemake_entry(smk: Any) -> None:
     log.info("%s: %s", smk.wildcards.study, table["verdict"].value_counts().to_dict())
 
 
-def snakemake_meta_entry(smk: Any) -> None:
+def rule_claims_meta(smk: Any) -> None:
     """Rule ``claims_meta``: pool every study's claims (the report stage draws the forest plot)."""
     settings = claims_settings(smk.params.cfg)
     tables = [pd.read_csv(p, sep="\t", dtype={"stage": str}, keep_default_na=True)

@@ -187,7 +187,7 @@ def check_config(cfg: Mapping[str, Any]) -> None:
 # --- Snakemake entry points --------------------------------------------------------------------------------
 
 
-def snakemake_cluster(smk: Any) -> None:
+def rule_cluster(smk: Any) -> None:
     """Rule ``cluster``: graph, Leiden, UMAP and one marker table per resolution."""
     cfg = smk.params.cfg
     adata = ad.read_h5ad(smk.input.h5ad)
@@ -210,7 +210,7 @@ def placeholder_figure(title: str, why: str) -> Any:
     return fig
 
 
-def snakemake_figures(smk: Any) -> None:
+def rule_cluster_figures(smk: Any) -> None:
     """Rule ``cluster_figures``: UMAPs by sample, arm, cluster and cell type; marker dot plot.
 
     A diagnostic: a figure that cannot be drawn (an absent obs column, no panel marker among

@@ -1132,7 +1132,7 @@ def _study_plan(smk: Any) -> StudyPlan:
     return plan_study(study, FetchSettings.from_config(smk.config.get("fetch")))
 
 
-def snakemake_fetch(smk: Any) -> None:
+def rule_fetch_file(smk: Any) -> None:
     """Rule ``fetch_file``: one study file into ``resources/<study>/downloads/<file>``."""
     plan = _study_plan(smk)
     fs = plan.files[smk.wildcards.file]
@@ -1141,7 +1141,7 @@ def snakemake_fetch(smk: Any) -> None:
                checksums=Path(plan.downloads_dir).parent / "checksums.tsv")
 
 
-def snakemake_unpack(smk: Any) -> None:
+def rule_unpack(smk: Any) -> None:
     """Rules ``unpack_<study>``: every sample's counts at ``<data_dir>/<path>``."""
     unpack_study(StudyPlan.from_dict(smk.params.plan), smk.output.manifest)
 

@@ -880,7 +880,7 @@ def sample_path(input_path: str | Path, row: Mapping[str, Any], simulated: bool)
     return Path(input_path) / str(row["path"]) if simulated else Path(input_path)
 
 
-def snakemake_entry(smk: Any) -> None:
+def rule_ingest(smk: Any) -> None:
     """Rule ``ingest``: write ``results/{study}/raw/{sample}.h5ad``."""
     row = dict(smk.params.sample_row)
     combined = dict(smk.params.combined or {})

@@ -382,7 +382,7 @@ def integrate(adata: ad.AnnData, cfg: Mapping[str, Any], seed: int, threads: int
     return adata
 
 
-def snakemake_entry(smk: Any) -> None:
+def rule_integrate(smk: Any) -> None:
     """Rule ``integrate``: merge the QC'd samples of a study and integrate them."""
     cfg = smk.params.cfg
     sp_cfg = cfg["scvi"]
@@ -575,7 +575,7 @@ def metrics_figure(table: pd.DataFrame) -> Any:
     return fig
 
 
-def snakemake_metrics(smk: Any) -> None:
+def rule_integration_metrics(smk: Any) -> None:
     """Rule ``integration_metrics``: scib-metrics table and figure, PCA baseline vs scVI.
 
     A diagnostic: whatever goes wrong, it writes a table and a figure saying "not computed:

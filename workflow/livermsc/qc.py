@@ -622,7 +622,7 @@ def summarise(tables: Iterable[str | Path | pd.DataFrame]) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def snakemake_entry(smk: Any) -> None:
+def rule_qc(smk: Any) -> None:
     """Rule ``qc``: filtered h5ad, per-sample table and figures of one sample."""
     settings = QCSettings.from_config(smk.params.qc, smk.params.overrides,
                                       seed=int(smk.params.seed), species=smk.params.species)
@@ -636,6 +636,6 @@ def snakemake_entry(smk: Any) -> None:
     log.info("%s: %d -> %d cells", row["sample"], row["n_cells_in"], row["n_cells_out"])
 
 
-def snakemake_summary(smk: Any) -> None:
+def rule_qc_summary(smk: Any) -> None:
     """Rule ``qc_summary``: the study's per-sample QC tables in one TSV."""
     summarise(smk.input.tables).to_csv(smk.output.tsv, sep="\t", index=False)

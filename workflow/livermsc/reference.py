@@ -138,7 +138,7 @@ def transfer_labels(adata: ad.AnnData, reference: ad.AnnData, settings: Mapping[
 # --- the whole annotation ------------------------------------------------------------------------------
 
 
-def snakemake_entry(smk: Any) -> None:
+def rule_annotate_reference(smk: Any) -> None:
     """Rule ``annotate_reference``: the panel annotation plus labels transferred from the
     reference, into annotated.h5ad and the cluster table."""
     cfg = smk.params.cfg

@@ -547,7 +547,7 @@ def _stem(paths: Sequence[str]) -> Path:
     return stems.pop()
 
 
-def claim_figures_entry(smk: Any) -> None:
+def rule_report_claims(smk: Any) -> None:
     """Rule ``report_claims``: one figure per claim contrast of one study."""
     scores = read_table(smk.input.scores, SCORES_COLUMNS, "sample scores")
     claims = read_table(smk.input.claims, CLAIMS_COLUMNS, "claims table")
@@ -555,7 +555,7 @@ def claim_figures_entry(smk: Any) -> None:
                        stages=dict(smk.params.stages))
 
 
-def summary_entry(smk: Any) -> None:
+def rule_report_summary(smk: Any) -> None:
     """Rule ``report_summary``: heat map, forest plot and the summary of every study."""
     studies = list(smk.params.studies)
     write_summary(

@@ -614,7 +614,7 @@ def score_study(adata: ad.AnnData, signatures: Mapping[str, Sequence[str]], stud
     return ScoreResult(table, coverage, pb, cells, pop_coverage)
 
 
-def snakemake_entry(smk: Any) -> None:
+def rule_score(smk: Any) -> None:
     """Rule ``score``: score ``input.adata`` and write the tables, the pseudobulk and the GMT."""
     cfg = dict(smk.params.cfg)
     signatures = load_signatures(smk.input.signatures, smk.params.species)

@@ -549,7 +549,7 @@ def simulate_study(params: dict, species: str, signatures_path: str | Path, outd
     return truth
 
 
-def snakemake_entry(smk: Any) -> None:
+def rule_simulate_study(smk: Any) -> None:
     """Rule ``simulate_study``: write the simulated study into ``output.data``."""
     spec = smk.params.spec
     simulate_study(spec["simulate"], spec["species"], smk.input.signatures, smk.output.data,

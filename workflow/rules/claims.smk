@@ -33,7 +33,7 @@ rule claims:
         mem_mb=mem_mb_from_input(factor=3, minimum=2000, maximum=64000),
         runtime=runtime_from_input(minutes_per_gb=30, minimum=15),
     params:
-        entry="livermsc.claims:snakemake_entry",
+        entry="livermsc.claims:rule_claims",
         cfg=config["claims"],
         score_cfg=config["score"],
         species=study_species,
@@ -58,7 +58,7 @@ rule claims_meta:
         mem_mb=2000,
         runtime=10,
     params:
-        entry="livermsc.claims:snakemake_meta_entry",
+        entry="livermsc.claims:rule_claims_meta",
         cfg=config["claims"],
     script:
         ENTRY

@@ -34,7 +34,7 @@ rule cluster:
         mem_mb=mem_mb_from_input(factor=10, minimum=4000, maximum=256000),
         runtime=runtime_from_input(minutes_per_gb=120, minimum=15),
     params:
-        entry="livermsc.cluster:snakemake_cluster",
+        entry="livermsc.cluster:rule_cluster",
         cfg=CLUSTER,
         seed=config["seed"],
     script:
@@ -70,7 +70,7 @@ if REFERENCE:
             mem_mb=mem_mb_from_input(factor=8, minimum=4000, maximum=256000),
             runtime=runtime_from_input(minutes_per_gb=60, minimum=10),
         params:
-            entry="livermsc.reference:snakemake_entry",
+            entry="livermsc.reference:rule_annotate_reference",
             cfg=CLUSTER,
             species=study_species,
             seed=config["seed"],
@@ -103,7 +103,7 @@ else:
             mem_mb=mem_mb_from_input(factor=8, minimum=4000, maximum=256000),
             runtime=runtime_from_input(minutes_per_gb=60, minimum=10),
         params:
-            entry="livermsc.annotate:snakemake_entry",
+            entry="livermsc.annotate:rule_annotate",
             cfg=CLUSTER,
             species=study_species,
             seed=config["seed"],
@@ -141,7 +141,7 @@ rule integration_metrics:
         mem_mb=mem_mb_from_input(factor=8, minimum=4000, maximum=128000),
         runtime=runtime_from_input(minutes_per_gb=120, minimum=15),
     params:
-        entry="livermsc.integrate:snakemake_metrics",
+        entry="livermsc.integrate:rule_integration_metrics",
         cfg=CLUSTER["metrics"],
         batch_key=config["integrate"]["batch_key"],
         formats=CLUSTER["figure_formats"],
@@ -178,7 +178,7 @@ rule cluster_figures:
         mem_mb=mem_mb_from_input(factor=8, minimum=4000, maximum=128000),
         runtime=runtime_from_input(minutes_per_gb=60, minimum=10),
     params:
-        entry="livermsc.cluster:snakemake_figures",
+        entry="livermsc.cluster:rule_cluster_figures",
         resolution=CLUSTER["annotation"]["resolution"],
         species=study_species,
         formats=CLUSTER["figure_formats"],

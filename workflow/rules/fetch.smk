@@ -18,7 +18,7 @@ rule simulate_study:
         mem_mb=4000,
         runtime=15,
     params:
-        entry="livermsc.simulate:snakemake_entry",
+        entry="livermsc.simulate:rule_simulate_study",
         spec=lambda wc: STUDIES[wc.study].spec,
         seed=config["seed"],
     script:
@@ -48,7 +48,7 @@ rule fetch_file:
         mem_mb=500,
         runtime=240,
     params:
-        entry="livermsc.fetch:snakemake_fetch",
+        entry="livermsc.fetch:rule_fetch_file",
     script:
         ENTRY
 
@@ -77,7 +77,7 @@ for _study, _plan in FETCH_PLANS.items():
             mem_mb=8000,
             runtime=120,
         params:
-            entry="livermsc.fetch:snakemake_unpack",
+            entry="livermsc.fetch:rule_unpack",
             plan=_plan.as_dict(for_unpack=True),
         script:
             ENTRY

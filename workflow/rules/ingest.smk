@@ -19,7 +19,7 @@ rule ingest:
         mem_mb=mem_mb_from_input(factor=20, minimum=2000, maximum=128000),
         runtime=runtime_from_input(minutes_per_gb=60, minimum=10),
     params:
-        entry="livermsc.ingest:snakemake_entry",
+        entry="livermsc.ingest:rule_ingest",
         sample_row=sample_row,
         species=study_species,
         simulated=is_simulated,

@@ -25,7 +25,7 @@ rule integrate:
         runtime=runtime_from_input(minutes_per_gb=600, minimum=30),
         gpu=gpus_for(config["integrate"]["accelerator"]),
     params:
-        entry="livermsc.integrate:snakemake_entry",
+        entry="livermsc.integrate:rule_integrate",
         cfg=config["integrate"],
         seed=config["seed"],
     script:

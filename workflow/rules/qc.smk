@@ -32,7 +32,7 @@ rule qc:
         mem_mb=mem_mb_from_input(factor=30, minimum=2000, maximum=128000),
         runtime=runtime_from_input(minutes_per_gb=120, minimum=10),
     params:
-        entry="livermsc.qc:snakemake_entry",
+        entry="livermsc.qc:rule_qc",
         qc=config["qc"],
         overrides=qc_overrides,
         species=study_species,
@@ -64,7 +64,7 @@ rule qc_summary:
         mem_mb=1000,
         runtime=5,
     params:
-        entry="livermsc.qc:snakemake_summary",
+        entry="livermsc.qc:rule_qc_summary",
     script:
         ENTRY
 

@@ -38,7 +38,7 @@ rule report_claims:
         mem_mb=mem_mb_from_input(factor=20, minimum=2000),
         runtime=runtime_from_input(minutes_per_gb=120, minimum=10),
     params:
-        entry="livermsc.report:claim_figures_entry",
+        entry="livermsc.report:rule_report_claims",
         formats=config["report"]["formats"],
         dpi=config["report"]["dpi"],
         stages=sample_stages,
@@ -96,7 +96,7 @@ rule report_summary:
         mem_mb=mem_mb_from_input(factor=10, minimum=2000),
         runtime=runtime_from_input(minutes_per_gb=60, minimum=10),
     params:
-        entry="livermsc.report:summary_entry",
+        entry="livermsc.report:rule_report_summary",
         studies=config["studies"],
         formats=config["report"]["formats"],
         dpi=config["report"]["dpi"],

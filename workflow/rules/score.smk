@@ -39,7 +39,7 @@ rule score:
         mem_mb=mem_mb_from_input(factor=6, minimum=4000, maximum=256000),
         runtime=runtime_from_input(minutes_per_gb=60, minimum=15),
     params:
-        entry="livermsc.score:snakemake_entry",
+        entry="livermsc.score:rule_score",
         cfg=config["score"],
         species=study_species,
         seed=config["seed"],
