@@ -22,9 +22,9 @@ from livermsc.qc import (
     is_outlier,
     mad_bounds,
     mt_classes_of,
-    run_qc,
     rule_qc,
     rule_qc_summary,
+    run_qc,
 )
 
 DEFAULT_QC = validate({"studies": ["demo"]}, "config", "config.yaml")["qc"]
