@@ -27,7 +27,8 @@ from livermsc.draft import (
     parse_soft,
     read_series,
 )
-from livermsc.fetch import FetchSettings, plan_study
+from livermsc.fetch import plan_study
+from livermsc.transfer import FetchSettings
 
 REPO = Path(__file__).resolve().parents[1]
 ACC = "GSE900123"
@@ -182,7 +183,7 @@ def test_draft_is_refused_until_reviewed_then_valid(tmp_path):
     study = load_study(ACC, studies)
     assert study.samples["arm"].value_counts().to_dict() == {
         "healthy": 2, "injury": 2, "injury_msc": 2, "injury_ev": 2}
-    plan = plan_study(study, FetchSettings())  # the fetch stage accepts it as it stands
+    plan = plan_study(study, FetchSettings.from_config({}))  # the fetch stage accepts it as it stands
     assert [s.gsm for s in plan.samples] == sorted(GSMS)
 
 

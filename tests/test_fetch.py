@@ -6,6 +6,7 @@ GEO-shaped files are built from real counts (the glioblastoma explant data in ..
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -25,26 +26,28 @@ import scipy.io
 import scipy.sparse as sp
 import yaml
 from _http_server import FileServer
+from livermsc.cli import main
 from livermsc.config import ConfigError, load_study
 from livermsc.fetch import (
-    ChecksumMismatch,
     FetchConfigError,
-    FetchError,
-    FetchSettings,
     FileSpec,
     StudyPlan,
-    download,
-    draft_sample_sheet,
     fetch_file,
-    geo_stem,
-    geo_url,
     plan_study,
     unpack_study,
 )
+from livermsc.geo import geo_stem, geo_url
+from livermsc.transfer import ChecksumMismatch, FetchError, FetchSettings, download
+from livermsc.unpack import draft_sample_sheet
 
 GSE = "GSE900001"
 RAW = f"{GSE}_RAW.tar"
 FAST = {"retries": 3, "backoff_s": 0.01, "backoff_max_s": 0.05, "progress_mb": 0.05}
+
+
+def fetch_settings(**kw) -> FetchSettings:
+    """Fetch settings: the schema's defaults, with ``kw`` replacing some."""
+    return FetchSettings.from_config(kw)
 
 
 @pytest.fixture(autouse=True)
@@ -213,7 +216,7 @@ def server():
 
 
 def settings_for(srv: FileServer, **kw) -> FetchSettings:
-    return FetchSettings(base_url=srv.url + "/geo", **{**FAST, **kw})
+    return fetch_settings(base_url=srv.url + "/geo", **{**FAST, **kw})
 
 
 # --- URLs --------------------------------------------------------------------------------------
@@ -222,19 +225,36 @@ def settings_for(srv: FileServer, **kw) -> FetchSettings:
 def test_geo_urls_follow_geo_layout():
     assert geo_stem("GSE136103") == "GSE136nnn"
     assert geo_stem("GSE1234") == "GSE1nnn" and geo_stem("GSE12") == "GSEnnn"
-    ftp = FetchSettings()
+    ftp = fetch_settings()
     assert geo_url("GSE136103", "GSE136103_RAW.tar", ftp) == (
         "https://ftp.ncbi.nlm.nih.gov/geo/series/GSE136nnn/GSE136103/suppl/GSE136103_RAW.tar")
     assert geo_url("GSM3885177", "GSM3885177_CD45nCD31n_rep1.csv.gz", ftp) == (
         "https://ftp.ncbi.nlm.nih.gov/geo/samples/GSM3885nnn/GSM3885177/suppl/"
         "GSM3885177_CD45nCD31n_rep1.csv.gz")
-    cgi = FetchSettings(geo_url_style="cgi")
+    cgi = fetch_settings(geo_url_style="cgi")
     assert geo_url("GSE136103", "GSE136103_RAW.tar", cgi) == (
         "https://www.ncbi.nlm.nih.gov/geo/download/?acc=GSE136103&format=file")
     assert geo_url("GSE115469", "GSE115469_Data.csv.gz", cgi).endswith(
         "/geo/download/?acc=GSE115469&format=file&file=GSE115469_Data.csv.gz")
     with pytest.raises(ValueError, match="not a GEO"):
         geo_stem("E-MTAB-1")
+
+
+def test_fetch_settings_take_every_default_from_the_schema():
+    """FetchSettings repeats no default: each field is a schema property and takes its default."""
+    schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflow" / "schemas" /
+                             "fetch.schema.yaml").read_text())
+    props = schema["properties"]
+    fields = dataclasses.fields(FetchSettings)
+    assert {f.name for f in fields} == set(props)
+    assert all(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+               for f in fields)
+    defaults = fetch_settings()
+    assert {f.name: getattr(defaults, f.name) for f in fields} == {
+        name: prop["default"] for name, prop in props.items()}
+    assert fetch_settings(retries=1).retries == 1 and FetchSettings.from_config(None) == defaults
+    with pytest.raises(ConfigError, match=r"field 'retries'.*minimum"):
+        fetch_settings(retries=-1)
 
 
 # --- full fetch -> unpack ------------------------------------------------------------------------
@@ -351,7 +371,7 @@ def test_server_error_is_retried_with_exponential_backoff(server, tmp_path):
     server.fault("/f.bin", "500", "503")
     waits: list[float] = []
     out = download(server.url + "/f.bin", tmp_path / "f.bin", sha256=SHA,
-                   settings=FetchSettings(retries=3, backoff_s=1.0, backoff_max_s=10),
+                   settings=fetch_settings(retries=3, backoff_s=1.0, backoff_max_s=10),
                    sleep=waits.append)
     assert (tmp_path / "f.bin").read_bytes() == DATA and out["status"] == "verified"
     assert [r[2] for r in server.requests()] == [500, 503, 200]
@@ -362,7 +382,7 @@ def test_not_found_is_a_clear_error_without_retry(server, tmp_path):
     spec = FileSpec(name="GSE1_missing.tar", url=server.url + "/geo/GSE1_missing.tar",
                     cache_key="GSE1")
     with pytest.raises(FetchError, match=r"x/GSE1_missing.tar: HTTP 404 .* for http://127\.0\.0\.1"):
-        fetch_file(spec, tmp_path / "GSE1_missing.tar", FetchSettings(**FAST), study="x",
+        fetch_file(spec, tmp_path / "GSE1_missing.tar", fetch_settings(**FAST), study="x",
                    sleep=lambda s: None)
     assert len(server.requests()) == 1
     assert not list(tmp_path.iterdir())
@@ -372,7 +392,7 @@ def test_truncated_body_is_detected_and_resumed_with_range(server, tmp_path):
     server.add("/f.bin", DATA)
     server.fault("/f.bin", "truncate")
     out = download(server.url + "/f.bin", tmp_path / "f.bin", sha256=SHA,
-                   settings=FetchSettings(**FAST), sleep=lambda s: None)
+                   settings=fetch_settings(**FAST), sleep=lambda s: None)
     assert (tmp_path / "f.bin").read_bytes() == DATA and out["status"] == "verified"
     (_, r1, c1), (_, r2, c2) = server.requests()
     assert (r1, c1) == (None, 200) and c2 == 206 and r2 == f"bytes={len(DATA) // 2}-"
@@ -382,7 +402,7 @@ def test_truncated_forever_gives_up_and_keeps_only_the_part_file(server, tmp_pat
     server.add("/f.bin", DATA)
     server.fault("/f.bin", *["truncate"] * 10)
     with pytest.raises(FetchError, match=r"giving up after 4 attempts.*truncated body.*kept"):
-        download(server.url + "/f.bin", tmp_path / "f.bin", settings=FetchSettings(**FAST),
+        download(server.url + "/f.bin", tmp_path / "f.bin", settings=fetch_settings(**FAST),
                  sleep=lambda s: None)
     assert not (tmp_path / "f.bin").exists()
     assert 0 < (tmp_path / "f.bin.part").stat().st_size < len(DATA)
@@ -392,11 +412,11 @@ def test_checksum_mismatch_is_an_error_and_leaves_no_file(server, tmp_path):
     server.add("/f.bin", DATA)
     with pytest.raises(ChecksumMismatch, match=r"got sha256 [0-9a-f]{64}, expected 0{64}.*deleted"):
         download(server.url + "/f.bin", tmp_path / "f.bin", sha256="0" * 64,
-                 settings=FetchSettings(**FAST), sleep=lambda s: None)
+                 settings=fetch_settings(**FAST), sleep=lambda s: None)
     assert not list(tmp_path.iterdir())
     with pytest.raises(ChecksumMismatch, match="md5"):
         download(server.url + "/f.bin", tmp_path / "f.bin", md5="0" * 32,
-                 settings=FetchSettings(**FAST), sleep=lambda s: None)
+                 settings=fetch_settings(**FAST), sleep=lambda s: None)
     assert not list(tmp_path.iterdir())
 
 
@@ -404,7 +424,7 @@ def test_interrupted_download_is_resumed_from_the_part_file(server, tmp_path):
     server.add("/f.bin", DATA)
     (tmp_path / "f.bin.part").write_bytes(DATA[:300_000])  # left by an interrupted run
     out = download(server.url + "/f.bin", tmp_path / "f.bin", sha256=SHA,
-                   settings=FetchSettings(**FAST), sleep=lambda s: None)
+                   settings=fetch_settings(**FAST), sleep=lambda s: None)
     assert (tmp_path / "f.bin").read_bytes() == DATA and out["status"] == "verified"
     assert server.requests() == [("/f.bin", "bytes=300000-", 206)]
     assert not (tmp_path / "f.bin.part").exists()
@@ -415,15 +435,15 @@ def test_resume_edge_cases(server, tmp_path):
     server.add("/f.bin", DATA)
     server.fault("/f.bin", "ignore_range")
     (tmp_path / "a.part").write_bytes(DATA[:1000])
-    download(server.url + "/f.bin", tmp_path / "a", sha256=SHA, settings=FetchSettings(**FAST))
+    download(server.url + "/f.bin", tmp_path / "a", sha256=SHA, settings=fetch_settings(**FAST))
     assert (tmp_path / "a").read_bytes() == DATA
 
     (tmp_path / "b.part").write_bytes(DATA)
-    download(server.url + "/f.bin", tmp_path / "b", sha256=SHA, settings=FetchSettings(**FAST))
+    download(server.url + "/f.bin", tmp_path / "b", sha256=SHA, settings=fetch_settings(**FAST))
     assert (tmp_path / "b").read_bytes() == DATA and server.requests()[-1][2] == 416
 
     (tmp_path / "c.part").write_bytes(b"x" * 1000)  # stale bytes from another version
-    download(server.url + "/f.bin", tmp_path / "c", sha256=SHA, settings=FetchSettings(**FAST))
+    download(server.url + "/f.bin", tmp_path / "c", sha256=SHA, settings=fetch_settings(**FAST))
     assert (tmp_path / "c").read_bytes() == DATA
     assert [r[1:] for r in server.requests()[-2:]] == [("bytes=1000-", 206), (None, 200)]
 
@@ -432,7 +452,7 @@ def test_offline_mode_uses_placed_files_or_names_the_missing_one(server, tmp_pat
     server.add("/geo/series/GSEnnn/GSE1/suppl/GSE1_RAW.tar", DATA)
     spec = FileSpec(name="GSE1_RAW.tar", url=server.url + "/geo/series/GSEnnn/GSE1/suppl/GSE1_RAW.tar",
                     sha256=SHA, cache_key="GSE1")
-    offline = FetchSettings(offline=True, cache_dir=str(tmp_path / "cache"))
+    offline = fetch_settings(offline=True, cache_dir=str(tmp_path / "cache"))
     with pytest.raises(FetchError) as err:
         fetch_file(spec, tmp_path / "res" / "GSE1_RAW.tar", offline, study="s1")
     msg = str(err.value)
@@ -451,7 +471,7 @@ def test_offline_mode_uses_placed_files_or_names_the_missing_one(server, tmp_pat
 
 def test_cgi_style_urls_are_served(server, tmp_path):
     server.add(f"/geo/download/?acc={GSE}&format=file", DATA)
-    settings = FetchSettings(base_url=server.url + "/geo", geo_url_style="cgi", **FAST)
+    settings = fetch_settings(base_url=server.url + "/geo", geo_url_style="cgi", **FAST)
     out = download(geo_url(GSE, RAW, settings), tmp_path / RAW, settings=settings)
     assert out["sha256"] == SHA
 
@@ -498,7 +518,7 @@ def _study(tmp_path: Path, files: list[dict], rows: list[dict], **extra) -> obje
 def test_plan_errors_name_study_sample_and_field(tmp_path, files, row, extra, message):
     study = _study(tmp_path, files, [{"sample": "a", "arm": "healthy", **row}], **extra)
     with pytest.raises(FetchConfigError, match=message) as err:
-        plan_study(study, FetchSettings())
+        plan_study(study, fetch_settings())
     assert "v.yaml" in str(err.value)
 
 
@@ -512,18 +532,18 @@ def test_unpack_errors_are_specific(gbm, raw_tar, tmp_path, monkeypatch):
                                         "path": "a", "format": "10x_mtx"}], accession=GSE)
     with pytest.raises(FetchError, match=r"no member of GSE900001_RAW.tar starts with 'GSM123' "
                                          r"\(it holds: GSM900001, GSM9000011, GSM900002"):
-        unpack_study(plan_study(missing, FetchSettings()))
+        unpack_study(plan_study(missing, fetch_settings()))
     both = _study(tmp_path, files, [{"sample": "a", "arm": "x", "gsm": "GSM900004",
                                      "member": "GSM900004.*(filtered|raw)_(barcodes|features|matrix)",
                                      "path": "a", "format": "10x_mtx"}], accession=GSE)
     tar_names = tarfile.open(f"resources/v/downloads/{RAW}").getnames()
     assert any("GSM900004" in n and "_raw_" in n for n in tar_names)
-    plan = plan_study(both, FetchSettings())
+    plan = plan_study(both, fetch_settings())
     assert unpack_study(plan).loc[0, "n_barcodes"] == 500  # filtered preferred
     wrong_format = _study(tmp_path, files, [{"sample": "a", "arm": "x", "gsm": "GSM900005",
                                              "path": "a.h5", "format": "10x_h5"}], accession=GSE)
     with pytest.raises(FetchError, match=r"no 10x_h5 file among"):
-        unpack_study(plan_study(wrong_format, FetchSettings()))
+        unpack_study(plan_study(wrong_format, fetch_settings()))
     # a triplet whose files do not belong together: nothing is put in place
     bad = io.BytesIO()
     first = next(iter(gbm.values()))
@@ -536,14 +556,14 @@ def test_unpack_errors_are_specific(gbm, raw_tar, tmp_path, monkeypatch):
                           "format": "10x_mtx"}], accession="GSE900007")
     with pytest.raises(FetchError, match=r"matrix is 300 x 500 but there are 300 features and "
                                          r"501 barcodes"):
-        unpack_study(plan_study(mismatched, FetchSettings()))
+        unpack_study(plan_study(mismatched, fetch_settings()))
     assert not Path("resources/v/a7").exists()
     # a hand-placed download that does not match the pinned checksum
     pinned = _study(tmp_path, [{"name": RAW, "sha256": "1" * 64}],
                     [{"sample": "a", "arm": "x", "gsm": "GSM900005", "path": "a",
                       "format": "10x_mtx"}], accession=GSE)
     with pytest.raises(ChecksumMismatch, match="does not match the checksum"):
-        unpack_study(plan_study(pinned, FetchSettings()))
+        unpack_study(plan_study(pinned, fetch_settings()))
 
 
 @pytest.mark.realdata
@@ -572,7 +592,7 @@ def test_registry_studies_validate_and_plan():
               "GSE115469": (5, {"healthy": 5}, "human")}
     for sid in READY:
         study = load_study(sid, REPO / "config" / "studies")
-        plan = plan_study(study, FetchSettings())
+        plan = plan_study(study, fetch_settings())
         n, arms, species = counts[sid]
         assert len(plan.samples) == n and study.species == species
         assert study.samples["arm"].value_counts().to_dict() == arms
@@ -670,9 +690,7 @@ def test_snakemake_fetches_unpacks_ingests_and_qcs_a_geo_study(gbm, raw_tar, tmp
 
 
 def test_command_line_downloads_a_study_and_drafts_a_sheet(server, tmp_path, monkeypatch, capsys):
-    """`python -m livermsc.fetch download/sheet`: the path a needs_sample_sheet study points to."""
-    from livermsc.fetch import main
-
+    """`livermsc download/draft-sheet`: the path a needs_sample_sheet study points to."""
     monkeypatch.chdir(tmp_path)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
@@ -691,7 +709,7 @@ def test_command_line_downloads_a_study_and_drafts_a_sheet(server, tmp_path, mon
     assert tar_path.read_bytes() == buf.getvalue()
     assert (tmp_path / "resources/pending/checksums.tsv").exists()
     capsys.readouterr()
-    assert main(["sheet", str(tar_path)]) == 0
+    assert main(["draft-sheet", str(tar_path)]) == 0
     sheet = pd.read_csv(io.StringIO(capsys.readouterr().out), sep="\t")
     assert sheet["gsm"].tolist() == ["GSM100", "GSM101", "GSM102"]
     assert sheet["sample"].tolist() == ["healthy1_cd45pos", "cirrhotic2_cd45neg", "sample3"]
@@ -733,7 +751,7 @@ def test_h5_and_h5ad_inputs_are_extracted_decompressed_or_split_by_obs(shared_da
              "format": "h5ad"}]
     write_study(tmp_path, {"id": "h", "title": "t", "species": "human", "source": "geo",
                            "accession": GSE, "files": files, "samples": rows})
-    unpack_study(plan_study(load_study("h", tmp_path), FetchSettings()))
+    unpack_study(plan_study(load_study("h", tmp_path), fetch_settings()))
     assert Path("resources/h/a.h5ad").read_bytes() == h5ad_bytes  # decompressed
     assert Path("resources/h/b.h5").read_bytes() == b"HDF-filtered"  # filtered preferred
     c = ad.read_h5ad("resources/h/c.h5ad")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -10,12 +11,16 @@ import yaml
 
 from livermsc.bench import add_arguments as add_bench_arguments
 from livermsc.bench import bench_cli
+from livermsc.calibrate import calibrate_cli
 from livermsc.config import ConfigError, load_config, load_yaml, unused_arm_notes, validate
+from livermsc.draft import draft_cli
+from livermsc.fetch import download_study
+from livermsc.simulate import simulate_study
+from livermsc.transfer import FetchError, FetchSettings
+from livermsc.unpack import draft_sample_sheet
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from livermsc.simulate import simulate_study
-
     spec = validate(load_yaml(args.study), "study", args.study)
     if spec["source"] != "simulate":
         raise ConfigError(f"{args.study}: field 'source': '{spec['source']}' (expected: simulate)")
@@ -46,15 +51,24 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from livermsc.calibrate import calibrate_cli
-
     return calibrate_cli(args)
 
 
 def _cmd_draft_study(args: argparse.Namespace) -> int:
-    from livermsc.draft import draft_cli
-
     return draft_cli(args)
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    cfg = load_yaml(args.configfile) if args.configfile.is_file() else {}
+    settings = FetchSettings.from_config((cfg or {}).get("fetch"), source=args.configfile)
+    download_study(args.study, settings, args.dest)
+    return 0
+
+
+def _cmd_draft_sheet(args: argparse.Namespace) -> int:
+    draft_sample_sheet(args.archive).to_csv(sys.stdout, sep="\t", index=False)
+    return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -121,6 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where a downloaded file goes (default resources/<id>/metadata)")
     p.set_defaults(func=_cmd_draft_study)
 
+    p = sub.add_parser("download", help="download a study's files outside the workflow (shared "
+                       "cache, checksums and offline mode as in the workflow)")
+    p.add_argument("study", type=Path, help="study file, e.g. config/studies/GSE136103.yaml")
+    p.add_argument("--configfile", type=Path, default=Path("config/config.yaml"),
+                   help="config whose fetch: section to use (default: config/config.yaml)")
+    p.add_argument("--dest", type=Path, default=None,
+                   help="folder for the files (default: resources/<study>/downloads)")
+    p.set_defaults(func=_cmd_download)
+
+    p = sub.add_parser("draft-sheet", help="print a draft sample sheet (TSV) for a GEO RAW.tar: "
+                       "one row per GSM, arm left empty to fill in")
+    p.add_argument("archive", type=Path, help="e.g. resources/<id>/downloads/<GSE>_RAW.tar")
+    p.set_defaults(func=_cmd_draft_sheet)
+
     p = sub.add_parser("bench", help="time the workflow and an in-memory reference script "
                        "side by side on simulated studies of the given sizes")
     add_bench_arguments(p)
@@ -129,11 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse arguments and run one verb; configuration errors print one clear message."""
+    """Parse arguments and run one verb; configuration and download errors print one clear
+    message."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as err:
+    except (ConfigError, FetchError) as err:
         print(f"livermsc: {err}", file=sys.stderr)
         return 2
 

@@ -32,7 +32,8 @@ from urllib.parse import urlparse
 import yaml
 
 from livermsc.config import ConfigError, load_yaml, validate
-from livermsc.fetch import GEO_BASE, FetchError, FetchSettings, download, geo_stem
+from livermsc.geo import GEO_BASE, geo_stem
+from livermsc.transfer import FetchError, FetchSettings, download
 
 #: characteristics column names that would clash with sample-sheet columns of the workflow
 RESERVED = {"sample", "arm", "animal", "path", "format", "orientation", "batch", "stage", "gsm",
