@@ -18,23 +18,22 @@ import scanpy as sc
 import scipy.sparse as sp
 import yaml
 from livermsc.annotate import (
-    UNASSIGNED,
     AnnotationInputError,
-    Panel,
     annotate,
     assign_clusters,
     check_signature_overlap,
     claim_overlaps,
     cluster_profiles,
-    load_panel,
     marker_auc,
     population_markers,
     refine_states,
     signature_marker_overlap,
     smooth,
 )
+from livermsc.catalogue import Panel, load_panel
 from livermsc.config import ConfigError
 from livermsc.reference import read_reference, transfer_labels
+from livermsc.vocabulary import UNASSIGNED
 from test_cluster import cluster_config, clustered_sim
 
 PANEL = "config/celltypes.yaml"

@@ -174,7 +174,7 @@ def test_numeric_string_on_the_command_line_is_coerced(project):
     ('integrate={"accelerator": "tpu"}',
      "field 'integrate.accelerator': 'tpu' is not one of ['auto', 'cpu', 'gpu']"),
     ('qc={"n_mads_mt": -3}', "field 'qc.n_mads_mt': -3 is less than"),
-    ('report={"dpi": 0}', "field 'report.dpi': 0 is less than the minimum of 50"),
+    ('figures={"dpi": 0}', "field 'figures.dpi': 0 is less than the minimum of 50"),
     ('fetch={"timeout_s": 0}', "field 'fetch.timeout_s': 0 is less than or equal to the minimum"),
 ])
 def test_out_of_range_config_value(project, override, message):

@@ -21,8 +21,8 @@ def test_in_memory_simulation_equals_written_study(sim_study, repo_root):
     """Same parameters, signatures and seed: the counts simulate_study wrote to disk."""
     from conftest import SIM_STUDY, demo_params
     from livermsc.calibrate import simulate_adata
+    from livermsc.catalogue import load_signatures
     from livermsc.config import validate
-    from livermsc.score import load_signatures
 
     folder, truth = sim_study
     params = validate(demo_params(**SIM_STUDY), "simulate", "demo.yaml")
@@ -42,8 +42,7 @@ def test_in_memory_simulation_equals_written_study(sim_study, repo_root):
 
 @pytest.fixture(scope="module")
 def catalogue_and_signatures(repo_root):
-    from livermsc.claims import load_catalogue
-    from livermsc.score import load_signatures
+    from livermsc.catalogue import load_catalogue, load_signatures
 
     signatures = load_signatures(repo_root / "config" / "signatures.yaml", "mouse")
     return load_catalogue(repo_root / "seeds" / "claims.yaml", signatures), signatures

@@ -14,12 +14,12 @@ import yaml
 from conftest import PLANTED_SIGNATURES
 from livermsc import stats
 from livermsc.annotate import signature_marker_overlap
+from livermsc.catalogue import load_catalogue, load_signatures
 from livermsc.claims import (
     CLAIM_COLUMNS,
     META_COLUMNS,
     check_config,
     evaluate_study,
-    load_catalogue,
     meta_analysis,
     rule_claims,
     rule_claims_meta,
@@ -546,7 +546,7 @@ claims:
 @pytest.mark.realdata
 def test_user_claim_on_real_paired_design(shared_data, tmp_path):
     import anndata as ad
-    from livermsc.score import load_signatures, score_study
+    from livermsc.score import score_study
 
     path = shared_data / "glioblastoma_panobinostat_lemur" / "glioblastoma_panobinostat_lemur.h5ad"
     if not path.is_file():
@@ -677,7 +677,7 @@ def test_real_liver_clock_answers_through_the_engine(shared_data, tmp_path):
     clock answers of SOURCE.md, with the default engine (voom, own arms, BH)."""
     import anndata as ad
     from livermsc.config import load_study
-    from livermsc.score import load_signatures, score_study
+    from livermsc.score import score_study
 
     path = shared_data / "droin2021_liver_circadian" / "droin2021_liver_hepatocytes_circadian.h5ad"
     if not path.is_file():

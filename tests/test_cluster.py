@@ -10,15 +10,16 @@ from livermsc.cluster import (
     ClusterInputError,
     check_config,
     cluster,
+    marker_cells,
     plot_marker_dotplot,
     plot_umaps,
     rank_markers,
-    resolution_key,
 )
 from livermsc.config import ConfigError, validate
 from livermsc.integrate import IntegrationInputError, integration_metrics, metrics_figure
 from livermsc.plotting import save_figure
 from livermsc.simulate import CELL_TYPES
+from livermsc.vocabulary import resolution_key
 from sklearn.metrics import adjusted_rand_score
 from test_integrate import integrated_sim
 
@@ -97,6 +98,26 @@ def test_marker_tables_name_planted_markers(sim_clustered):
     assert not {"pval", "pval_adj"} & set(table.columns)  # no cell-level p-values
 
 
+def test_marker_cells_cap_each_cluster_and_drop_singletons():
+    groups = pd.Series(["a"] * 30 + ["b"] * 5 + ["c"], dtype="category")
+    mask = marker_cells(groups, max_cells=10, seed=3)
+    kept = groups[mask].value_counts()
+    assert kept["a"] == 10 and kept["b"] == 5 and kept["c"] == 0  # c: one cell
+    assert (mask == marker_cells(groups, 10, seed=3)).all()  # seeded
+    assert (marker_cells(groups, None, 0) == (groups != "c").to_numpy()).all()
+
+
+def test_capped_marker_ranking_keeps_the_full_ranking_top_genes(sim_clustered):
+    a = sim_clustered.copy()
+    full = rank_markers(a, "leiden_1", n_genes=10)
+    sizes = a.obs["leiden_1"].value_counts()
+    cap = int(max(20, sizes.median() // 4))  # most clusters cut to a quarter or less
+    capped = rank_markers(a, "leiden_1", n_genes=10, max_cells=cap, seed=1)
+    overlap = [len(set(top["gene"]) & set(capped.loc[capped["cluster"] == cl, "gene"])) / 10
+               for cl, top in full.groupby("cluster")]
+    assert np.mean(overlap) >= 0.7, overlap
+
+
 def test_integration_metrics_scvi_beats_pca(sim_clustered):
     """scVI mixes the samples better than the PCA baseline and keeps the types apart."""
     a = sim_clustered
@@ -159,7 +180,8 @@ def test_integration_metrics_rule_never_fails(tmp_path):
             input=SimpleNamespace(h5ad=str(tmp_path / name)),
             output=SimpleNamespace(table=str(out / "metrics.tsv"),
                                    figures=[str(out / "metrics.png")]),
-            params=SimpleNamespace(cfg=cfg, batch_key="sample", seed=0, formats=["png"]))
+            params=SimpleNamespace(cfg=cfg, batch_key="sample", seed=0, formats=["png"],
+                                   dpi=100))
         out.mkdir()
         rule_integration_metrics(smk)
         table = pd.read_csv(out / "metrics.tsv", sep="\t")

@@ -42,6 +42,21 @@ def test_unknown_key_is_refused():
         validate({"studies": ["demo"], "sede": 1}, "config", "my.yaml")
 
 
+@pytest.mark.parametrize(("section", "key", "new"), [
+    ("qc", "figure_formats", "figures.formats"), ("qc", "figure_dpi", "figures.dpi"),
+    ("cluster", "figure_formats", "figures.formats"),
+    ("report", "formats", "figures.formats"), ("report", "dpi", "figures.dpi")])
+def test_moved_figure_setting_names_its_new_place(section, key, new):
+    """A figure setting of an older config is refused with one line saying where it lives now."""
+    with pytest.raises(ConfigError) as err:
+        validate({"studies": ["demo"], section: {key: ["png"]}}, "config", "my.yaml")
+    assert str(err.value) == (f"my.yaml: field '{section}.{key}' has moved to '{new}' "
+                              "(set it there instead)")
+    figures = validate({"studies": ["demo"], "figures": {"formats": ["png"], "dpi": 72}},
+                       "config", "my.yaml")["figures"]
+    assert figures == {"formats": ["png"], "dpi": 72}
+
+
 def test_sample_sheet_errors_name_row_and_field():
     sheet = pd.DataFrame({"sample": ["a", "b"], "arm": ["healthy", "bad arm!"], "path": ["a", "b"]})
     with pytest.raises(ConfigError, match=r"sheet.tsv: row 2, field 'arm'"):

@@ -88,10 +88,11 @@ def test_every_format_reads_back_identical_counts(shared_data, tmp_path, name):
         row = {"sample": "s1", "arm": "healthy", "path": path.name, "format": fmt,
                "orientation": orient, "batch": "b1", "stage": "early", "donor_age": "12w"}
         a = ingest_sample(path, row, study="real", species=d["species"])
-        assert isinstance(a.X, sp.csr_matrix), label
-        assert np.array_equal(a.X.toarray(), expected), label
-        assert (a.X != a.layers["counts"]).nnz == 0, label
-        assert np.all(a.X.data == np.round(a.X.data)), label
+        counts = a.layers["counts"]
+        assert a.X is None, label  # the counts are stored once, in layers["counts"]
+        assert isinstance(counts, sp.csr_matrix), label
+        assert np.array_equal(counts.toarray(), expected), label
+        assert np.all(counts.data == np.round(counts.data)), label
         assert a.var_names.tolist() == d["symbols"], label
         assert a.var_names.is_unique, label
         assert a.obs_names.tolist() == [f"s1:{b}" for b in d["barcodes"]], label
@@ -207,12 +208,12 @@ def test_duplicated_symbols_are_summed(tmp_path):
     a = ingest_sample(folder, row, study="x", species="mouse")
     X = d["X"].toarray()
     assert a.var_names.is_unique and a.n_vars == len(symbols) - 2
-    assert np.array_equal(a[:, "Actb"].X.toarray().ravel(), X[:, 0] + X[:, 1])
-    assert np.array_equal(a[:, "Alb"].X.toarray().ravel(), X[:, 3] + X[:, 4])
+    assert np.array_equal(a[:, "Actb"].layers["counts"].toarray().ravel(), X[:, 0] + X[:, 1])
+    assert np.array_equal(a[:, "Alb"].layers["counts"].toarray().ravel(), X[:, 3] + X[:, 4])
     assert a.var.loc["Actb", "gene_ids"] == f"{d['ids'][0]};{d['ids'][1]}"
     assert a.uns["ingest"]["n_duplicated_symbols"] == 2
     assert a.uns["ingest"]["n_features_merged"] == 2
-    assert a.X.sum() == X.sum()
+    assert a.layers["counts"].sum() == X.sum()
 
 
 def test_merge_duplicate_symbols_hand_example():
@@ -292,7 +293,7 @@ def test_simulated_sample_ingests_with_truth(sim_study):
     assert a.obs["batch"].iloc[0] == row["batch"]
     with gzip.open(folder / row["path"] / "matrix.mtx.gz", "rb") as fh:
         genes_x_cells = sp.csr_matrix(scipy.io.mmread(fh))
-    assert (a.X != genes_x_cells.T).nnz == 0
+    assert (a.layers["counts"] != genes_x_cells.T).nnz == 0
 
 
 @pytest.mark.parametrize(("rows", "message"), [
@@ -353,14 +354,14 @@ def test_combined_file_is_split_into_samples(tmp_path, layout):
         a = ingest_sample(path, row, study="x", species="mouse", combined=spec)
         rows = np.flatnonzero(np.array(d["sample"]) == sample)
         assert a.obs["barcode"].tolist() == [bc[i] for i in rows], layout
-        assert np.array_equal(a.X.toarray(), dense[rows]), layout
+        assert np.array_equal(a.layers["counts"].toarray(), dense[rows]), layout
         assert a.obs_names.tolist() == [f"{sample}:{bc[i]}" for i in rows]
         assert a.uns["ingest"]["split"]["value"] == value
         assert a.uns["ingest"]["split"]["n_cells_in_file"] == len(bc)
         if layout == "h5ad_obs":
             assert set(a.obs["source_mouse"]) == {sample}
             assert a.obs["source_n_genes"].tolist() == [float(i) for i in rows]
-        assert a.X.toarray().min() == k  # each sample's own offset: the right cells
+        assert a.layers["counts"].toarray().min() == k  # each sample's own offset: right cells
     with pytest.raises(IngestError, match=r"no cell has split value 'm9' \(sample 'x9'"):
         ingest_sample(path, {"sample": "x9", "arm": "a", "split_value": "m9"}, study="x",
                       species="mouse", combined=spec)
@@ -479,6 +480,6 @@ def test_workflow_ingests_a_local_seurat_object_per_sample(shared_data, tmp_path
         part = ref[ref.obs["age_group"].astype(str) == group]
         assert sorted(a.obs["barcode"]) == sorted(part.obs_names)
         expected = sp.csr_matrix(ref[a.obs["barcode"].tolist()].X)
-        assert (a.X != expected).nnz == 0 and (a.layers["counts"] != expected).nnz == 0
+        assert a.X is None and (a.layers["counts"] != expected).nnz == 0
         assert set(a.obs["arm"]) == {group.lower()}
         assert a.uns["ingest"]["format"] == "seurat"

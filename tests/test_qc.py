@@ -223,9 +223,10 @@ def test_qc_table_counts_add_up(demo_qc):
 
 def test_qc_output_holds_counts_and_metrics(demo_qc):
     k = demo_qc["kept"][0]
-    assert isinstance(k.X, sp.csr_matrix)
-    assert (k.X != k.layers["counts"]).nnz == 0
-    assert np.all(k.X.data == np.round(k.X.data))
+    counts = k.layers["counts"]
+    assert k.X is None  # the counts are stored once, in layers["counts"]
+    assert isinstance(counts, sp.csr_matrix)
+    assert np.all(counts.data == np.round(counts.data))
     for col in ("total_counts", "n_genes_by_counts", "pct_counts_mt", "pct_counts_ribo",
                 "pct_counts_hb", "pct_counts_in_top_20_genes", "doublet_score",
                 "predicted_doublet", "sample", "arm", "animal", "batch"):
@@ -245,7 +246,7 @@ def test_doublets_annotated_not_removed_and_gene_filter(sim_study):
     _, kept, table = run_qc(raw, settings, species="mouse")
     assert table["n_removed_doublets"] == 0
     assert table["n_predicted_doublets"] == int(kept.obs["predicted_doublet"].sum()) > 0
-    n_cells = np.asarray((kept.X > 0).sum(axis=0)).ravel()
+    n_cells = np.asarray((kept.layers["counts"] > 0).sum(axis=0)).ravel()
     assert n_cells.min() >= 3 and kept.n_vars == table["n_genes_out"] < table["n_genes_in"]
     # the same seed gives the same scores
     _, again, _ = run_qc(raw, settings, species="mouse")
@@ -315,13 +316,14 @@ def test_snakemake_entries_write_outputs(sim_study, tmp_path):
                                    table=str(out / "tables" / f"{row['sample']}.tsv"),
                                    figures=[str(fig)]),
             params=SimpleNamespace(qc=DEFAULT_QC, overrides={"qc_max_pct_mt": "20"},
-                                   species="mouse", seed=0, formats=["png"]),
+                                   species="mouse", seed=0, formats=["png"], dpi=150),
             wildcards=SimpleNamespace(study="sim", sample=row["sample"]))
         Path(smk.output.table).parent.mkdir(parents=True, exist_ok=True)
         rule_qc(smk)
         assert fig.stat().st_size > 10_000
         tables.append(smk.output.table)
         kept = ad.read_h5ad(smk.output.h5ad)
+        assert kept.X is None and "counts" in kept.layers  # the counts stored once
         assert kept.uns["qc"]["max_pct_mt"] == 20.0
         assert set(kept.obs["sample"]) == {row["sample"]}
     summary = tmp_path / "qc" / "qc_summary.tsv"

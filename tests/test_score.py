@@ -10,13 +10,13 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 from livermsc import geneset
+from livermsc.catalogue import load_signatures
 from livermsc.config import ConfigError
 from livermsc.score import (
     SCORE_COLUMNS,
     cell_shares,
     default_share_pairs,
     edger_log_cpm,
-    load_signatures,
     pseudobulk,
     pseudobulk_scores,
     score_study,

@@ -46,7 +46,6 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,59 +56,16 @@ import scanpy as sc
 import scipy.sparse as sp
 from scipy.stats import rankdata
 
-from livermsc.cluster import resolution_key
-from livermsc.config import ConfigError, load_yaml, validate
+from livermsc.catalogue import Panel, load_panel
+from livermsc.cluster import read_clustered
+from livermsc.schema import ConfigError, load_yaml, validate
+from livermsc.vocabulary import UNASSIGNED, resolution_key
 
 log = logging.getLogger("livermsc.annotate")
-
-UNASSIGNED = "unassigned"
 
 
 class AnnotationInputError(ValueError):
     """An input of the annotation is unusable; the message says which and why."""
-
-
-@dataclass(frozen=True)
-class CellType:
-    """A major cell type of the panel, with its markers for one species and its states."""
-
-    name: str
-    markers: list[str]
-    source: str
-    states: dict[str, list[str]] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Panel:
-    """The marker panel for one species."""
-
-    species: str
-    types: dict[str, CellType]
-    path: str = ""
-
-    @property
-    def parents(self) -> dict[str, str]:
-        """state -> parent type."""
-        return {s: t.name for t in self.types.values() for s in t.states}
-
-
-def load_panel(path: str | Path, species: str = "mouse") -> Panel:
-    """Read and validate ``config/celltypes.yaml``; return its markers for ``species``."""
-    doc = validate(load_yaml(path), "celltypes", path)
-    if species not in ("mouse", "human"):
-        raise ConfigError(f"{path}: species {species!r} is not mouse or human")
-    types = {}
-    names: set[str] = set()
-    for name, spec in doc["cell_types"].items():
-        states = {s: list(v[species]) for s, v in spec.get("states", {}).items()}
-        for n in [name, *states]:
-            if n in names or n == UNASSIGNED:
-                raise ConfigError(f"{path}: field 'cell_types.{name}': name '{n}' is used twice "
-                                  f"or reserved (expected: unique type and state names)")
-            names.add(n)
-        types[name] = CellType(name=name, markers=list(spec[species]), source=spec["source"],
-                               states=states)
-    return Panel(species=species, types=types, path=str(path))
 
 
 # --- circularity between the panel and the scored signatures ---------------------------------------
@@ -559,7 +515,7 @@ def rule_annotate(smk: Any) -> None:
     """Rule ``annotate``: cell types and states into annotated.h5ad, plus the cluster table
     (``annotate_reference`` runs :func:`livermsc.reference.rule_annotate` instead)."""
     panel = load_panel(smk.input.celltypes, species=smk.params.species)
-    adata = ad.read_h5ad(smk.input.h5ad)
+    adata = read_clustered(smk.input.integrated, smk.input.clustered)
     table = annotate(adata, panel, smk.params.cfg, int(smk.params.seed), int(smk.threads))
     table.to_csv(smk.output.table, sep="\t", index=False)
     adata.write_h5ad(smk.output.h5ad, compression="gzip")

@@ -60,8 +60,13 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy import stats as sps
 
-from livermsc import simulate
-from livermsc.config import REPO_ROOT, ConfigError, load_yaml, validate
+from livermsc import annotate, cluster, integrate, qc, simulate
+from livermsc.catalogue import load_catalogue, load_panel, load_signatures
+from livermsc.claims import evaluate_study
+from livermsc.config import claims_settings, score_settings
+from livermsc.schema import REPO_ROOT, ConfigError, load_yaml, validate
+from livermsc.score import catalogue_share_pairs, score_study
+from livermsc.vocabulary import SIGNATURE_METHODS
 
 log = logging.getLogger("livermsc.calibrate")
 
@@ -257,9 +262,6 @@ def row_truth(catalogue: Mapping, params: Mapping, signatures: Mapping[str, Sequ
 
 def _annotate_pipeline(adata: ad.AnnData, cfg: Mapping, seed: int) -> ad.AnnData:
     """Real QC per sample, then normalisation, HVGs, PCA, Leiden and marker-panel annotation."""
-    # heavy modules (scanpy, scrublet): imported only on this path
-    from livermsc import annotate, cluster, integrate, qc
-
     settings = qc.QCSettings.from_config(cfg["qc"], seed=seed)
     kept = []
     for sample in adata.obs["sample"].cat.categories:
@@ -275,7 +277,7 @@ def _annotate_pipeline(adata: ad.AnnData, cfg: Mapping, seed: int) -> ad.AnnData
     ccfg = {**cfg["cluster"], "use_rep": "X_pca",
             "resolutions": [cfg["cluster"]["annotation"]["resolution"]]}
     cluster.cluster(merged, ccfg, seed)
-    panel = annotate.load_panel(cfg["cluster"]["celltypes"], species="mouse")
+    panel = load_panel(cfg["cluster"]["celltypes"], species="mouse")
     annotate.annotate(merged, panel, ccfg, seed)
     merged.X = merged.layers["counts"].copy()
     return merged
@@ -285,9 +287,6 @@ def run_study(scenario: str, seed: int, catalogue: Mapping,
               signatures: Mapping[str, Sequence[str]], cfg: Mapping, cells_per_sample: int,
               n_background_genes: int) -> pd.DataFrame:
     """Simulate, (annotate,) score and test one study; its primary verdict rows, tagged."""
-    from livermsc.claims import evaluate_study
-    from livermsc.score import catalogue_share_pairs, score_study
-
     sc_ = SCENARIOS[scenario]
     params = scenario_params(sc_, cells_per_sample, n_background_genes)
     adata = simulate_adata(params, signatures, seed=seed)
@@ -424,9 +423,6 @@ def calibrate(out: str | Path, cfg: Mapping, scenarios: Sequence[str] | None = N
     ``cfg`` is the validated workflow config (its qc, integrate, cluster, score and claims
     sections are used); study i of a scenario uses seed ``seed + i``.
     """
-    from livermsc.claims import claims_settings, load_catalogue
-    from livermsc.score import SIGNATURE_METHODS, load_signatures, score_settings
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = list(scenarios or SCENARIOS)

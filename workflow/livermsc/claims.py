@@ -46,24 +46,24 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 
-from livermsc import stats
-from livermsc.config import ConfigError, load_yaml, validate
-from livermsc.score import ALL, share_measure
+from livermsc import annotate, stats
+from livermsc.catalogue import load_catalogue, load_panel, load_signatures
+from livermsc.config import claims_settings, score_settings
+from livermsc.geneset import signature_test
+from livermsc.schema import ConfigError, validate
+from livermsc.vocabulary import ALL, SHARE_METHOD, VOOM, share_measure
 
 log = logging.getLogger("livermsc.claims")
 
-#: method of share rows, as in sample_scores.tsv (tested as counts, quasi-binomial)
-SHARE_METHOD = "proportion"
-#: the primary signature method: voom on the pseudobulk counts (livermsc.geneset)
-VOOM = "voom"
 CLAIM_COLUMNS = ["study", "claim_id", "kind", "statement", "contrast", "contrast_type", "arm",
                  "reference", "stage", "population", "population_level", "measure_type",
                  "measure", "method", "direction", "n_arm", "n_reference", "mean_arm",
@@ -80,55 +80,11 @@ META_COLUMNS = [*KEY_COLUMNS, "k", "studies", "effect_unit", "hedges_g", "se", "
 VERDICTS = ("supported", "contradicted", "no_effect", "inconclusive")
 
 
-def claims_settings(cfg: Mapping | None) -> dict[str, Any]:
-    """Claims settings with the schema defaults (claims_config.schema.yaml) filled."""
-    try:
-        return validate(dict(cfg or {}), "claims_config", "config")
-    except ConfigError as err:
-        text = str(err).replace("field '(top level)'", "field 'claims'")
-        raise ConfigError(text.replace("field '", "field 'claims.").replace(
-            "field 'claims.claims'", "field 'claims'")) from None
-
-
-# --- catalogue ------------------------------------------------------------------------------------
-
-def load_catalogue(path: str | Path, signatures: Iterable[str] | None = None) -> dict:
-    """Read and validate a claims catalogue; with ``signatures`` check every named signature exists."""
-    doc = validate(load_yaml(path), "claims", path)
-    ids = [c["id"] for c in doc["claims"]]
-    dup = sorted({i for i in ids if ids.count(i) > 1})
-    if dup:
-        raise ConfigError(f"{path}: field 'claims[].id': duplicated claim ids {dup} (expected: unique)")
-    known = set(signatures) if signatures is not None else None
-    for i, claim in enumerate(doc["claims"]):
-        measure = claim["measure"]
-        if measure["type"] == "signature":
-            sig = measure.get("signature")
-            if not sig:
-                raise ConfigError(f"{path}: field 'claims[{i}].measure.signature': missing for "
-                                  f"claim '{claim['id']}' (expected: a signature id)")
-            if known is not None and sig not in known:
-                raise ConfigError(f"{path}: field 'claims[{i}].measure.signature': '{sig}' of claim "
-                                  f"'{claim['id']}' is not in the signatures file "
-                                  f"(expected one of {sorted(known)})")
-        for j, contrast in enumerate(claim["contrasts"]):
-            where = f"{path}: field 'claims[{i}].contrasts[{j}]"
-            if contrast["type"] == "interaction" and len(set(contrast["levels"])) != 2:
-                raise ConfigError(f"{where}.levels': {contrast['levels']} (expected two different "
-                                  f"values of '{contrast.get('factor', 'stage')}')")
-            if contrast["type"] == "synergy":
-                arms = [contrast["arm"], contrast["reference"], *contrast["components"]]
-                if len(set(arms)) != 4:
-                    raise ConfigError(f"{where}': arm, reference and the two components must be "
-                                      f"four different arms (got {arms})")
-    return doc
-
+# --- config check ---------------------------------------------------------------------------------
 
 def check_config(config: Mapping) -> None:
     """Check, before any job runs, the claims catalogue and signatures file a run will use:
     both parse, every signature a claim names exists, and the verdict method is computed."""
-    from livermsc.score import load_signatures, score_settings
-
     score_cfg = score_settings(config.get("score"))
     settings = claims_settings(config.get("claims"))
     if settings["method"] != VOOM and settings["method"] not in score_cfg["methods"]:
@@ -166,8 +122,8 @@ class ContrastSpec:
 
 
 def contrast_spec(contrast: Mapping) -> ContrastSpec:
-    """Cells, weights and labels of a catalogue contrast."""
-    kind = contrast.get("type", "simple") or "simple"
+    """Cells, weights and labels of a contrast of a validated catalogue."""
+    kind = contrast["type"]
     arm, ref = str(contrast["arm"]), str(contrast["reference"])
     if kind == "interaction":
         s1, s2 = (str(s) for s in contrast["levels"])
@@ -263,7 +219,7 @@ def _study_data(scores: pd.DataFrame, coverage: pd.DataFrame, pseudobulk: Any,
 def _base_row(claim: Mapping, spec: ContrastSpec, method: str) -> dict:
     pop = claim["population"]
     mtype = claim["measure"]["type"]
-    return {"claim_id": claim["id"], "kind": claim.get("kind", "claim"),
+    return {"claim_id": claim["id"], "kind": claim["kind"],
             "statement": claim["statement"], "contrast": spec.label,
             "contrast_type": spec.type, "arm": spec.arm, "reference": spec.reference,
             "stage": spec.stage, "population": pop["value"], "population_level": pop["level"],
@@ -500,9 +456,6 @@ def _voom_fit(data: StudyData, table: pd.DataFrame, design: stats.Design, genes:
               group_var: bool, score_cfg: Mapping, min_genes: int, pos: Sequence[str],
               neg: Sequence[str], row: dict) -> tuple[stats.ContrastFit, list[str]]:
     """Pseudobulk counts of the units (samples of one animal summed) through signature_test."""
-    # imported on first use: livermsc.geneset loads pyedger/pylimma (about 2 s)
-    from livermsc.geneset import signature_test
-
     pb = data.pseudobulk
     layer = pb.layers["counts"] if "counts" in pb.layers else pb.X
     pb_rows = data.pb_rows[(row["population_level"], row["population"])]
@@ -514,7 +467,7 @@ def _voom_fit(data: StudyData, table: pd.DataFrame, design: stats.Design, genes:
     var_names = [str(v) for v in pb.var_names]
     counts = pd.DataFrame(cols, index=var_names)
     var_genes = list(dict.fromkeys(data.symbol_to_var[g] for g in genes if g in data.symbol_to_var))
-    kwargs = {k: float(score_cfg[k]) for k in ("min_count", "min_total_count") if k in score_cfg}
+    kwargs = {k: float(score_cfg[k]) for k in ("min_count", "min_total_count")}
     res = signature_test(counts, design.X, list(design.contrast), var_genes,
                          group=design.cells, min_genes=min_genes,
                          variance="group" if group_var else "pooled", **kwargs)
@@ -663,10 +616,9 @@ def evaluate_study(scores: pd.DataFrame, coverage: pd.DataFrame, catalogue: Mapp
     signature's genes that are also markers defining the population (column ``marker_overlap``;
     :func:`marker_overlap_from_panel` builds it from the cell-type panel).
     """
-    from livermsc.score import score_settings
-
     settings = claims_settings(settings)
     score_cfg = score_settings(score_cfg)
+    catalogue = validate(catalogue, "claims", "claims catalogue")
     method = settings["method"]
     if method != VOOM and method not in score_cfg["methods"]:
         raise ConfigError(f"config: field 'claims.method': '{method}' is not computed by the "
@@ -845,9 +797,7 @@ def marker_overlap_from_panel(panel_path: str | Path, signatures: Mapping[str, S
                               species: str) -> Callable[[str, str, str], list[str]]:
     """``marker_overlap`` for :func:`evaluate_study`: signature genes that are also markers
     selecting the population in the cell-type panel (``annotate.signature_marker_overlap``)."""
-    from livermsc import annotate
-
-    panel = annotate.load_panel(panel_path, species)
+    panel = load_panel(panel_path, species)
     cache: dict[tuple[str, str, str], list[str]] = {}
 
     def overlap(level: str, population: str, signature: str) -> list[str]:
@@ -862,10 +812,6 @@ def marker_overlap_from_panel(panel_path: str | Path, signatures: Mapping[str, S
 
 def rule_claims(smk: Any) -> None:
     """Rule ``claims``: verdicts of one study."""
-    import anndata as ad
-
-    from livermsc.score import load_signatures
-
     settings = claims_settings(smk.params.cfg)
     signatures = load_signatures(smk.input.signatures, smk.params.species)
     catalogue = load_catalogue(smk.input.catalogue, signatures)

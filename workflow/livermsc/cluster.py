@@ -16,21 +16,20 @@ from pathlib import Path
 from typing import Any
 
 import anndata as ad
+import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import scanpy as sc
 
+from livermsc.catalogue import load_panel
 from livermsc.plotting import OKABE_ITO, arm_colour, save_figure
+from livermsc.vocabulary import resolution_key
 
 log = logging.getLogger("livermsc.cluster")
 
 
 class ClusterInputError(ValueError):
     """An input of the cluster stage is unusable; the message says which and why."""
-
-
-def resolution_key(resolution: float) -> str:
-    """obs column of the Leiden clustering at ``resolution`` (``leiden_0.5``, ``leiden_1``)."""
-    return f"leiden_{float(resolution):g}"
 
 
 def check_input(adata: ad.AnnData, source: str, use_rep: str, needs: Iterable[str] = ()) -> None:
@@ -77,22 +76,44 @@ def cluster(adata: ad.AnnData, cfg: Mapping[str, Any], seed: int) -> ad.AnnData:
     return adata
 
 
-def rank_markers(adata: ad.AnnData, groupby: str, n_genes: int = 50) -> pd.DataFrame:
+def marker_cells(groups: pd.Series, max_cells: int | None, seed: int) -> np.ndarray:
+    """Boolean mask of the cells the marker ranking uses: clusters of >= 2 cells (Wilcoxon
+    needs two), each cut to a seeded random ``max_cells`` of its cells (None: all)."""
+    codes = groups.astype(str).to_numpy()
+    keep = np.zeros(codes.size, dtype=bool)
+    rng = np.random.default_rng(seed)
+    for g in sorted(set(codes)):
+        idx = np.flatnonzero(codes == g)
+        if idx.size < 2:
+            continue
+        if max_cells is not None and idx.size > max_cells:
+            idx = rng.choice(idx, size=max_cells, replace=False)
+        keep[idx] = True
+    return keep
+
+
+def rank_markers(adata: ad.AnnData, groupby: str, n_genes: int = 50,
+                 max_cells: int | None = None, seed: int = 0) -> pd.DataFrame:
     """Wilcoxon marker ranking (one cluster against the rest) on the log-normalised ``X``.
 
     Returns the top ``n_genes`` per cluster: cluster, rank, gene, score (the Wilcoxon
     statistic, used for ranking only), logfoldchange, pct_in (fraction of the cluster's cells
     expressing) and pct_out. Cell-level p-values are left out on purpose: cells are not
-    replicates, so they would overstate the evidence.
+    replicates, so they would overstate the evidence. With ``max_cells`` each cluster is
+    represented by at most that many cells (:func:`marker_cells`), as Seurat's
+    ``max.cells.per.ident``: the tables describe clusters, and the ranking's cost grows with
+    cells while its top genes do not change.
     """
     cols = ["cluster", "rank", "gene", "score", "logfoldchange", "pct_in", "pct_out"]
     groups = adata.obs[groupby]
-    ok = groups.value_counts()
-    keep = ok[ok >= 2].index  # wilcoxon needs at least two cells per group
-    if len(keep) < 2:
+    mask = marker_cells(groups, max_cells, seed)
+    if groups[mask].nunique() < 2:
         log.warning("%s: fewer than two clusters with >= 2 cells; no marker table", groupby)
         return pd.DataFrame(columns=cols)
-    sub = adata if len(keep) == len(ok) else adata[groups.isin(keep).to_numpy()].copy()
+    sub = adata if mask.all() else adata[mask].copy()
+    if sub is not adata:
+        sub.obs[groupby] = sub.obs[groupby].cat.remove_unused_categories() \
+            if isinstance(sub.obs[groupby].dtype, pd.CategoricalDtype) else sub.obs[groupby]
     key = f"rank_genes_{groupby}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -123,10 +144,8 @@ def _palette(categories: Sequence[str], key: str) -> list[str]:
 
 
 def plot_umaps(adata: ad.AnnData, keys: Mapping[str, str], outdir: str | Path,
-               formats: Sequence[str] = ("png",)) -> list[Path]:
+               formats: Sequence[str] = ("png",), dpi: int = 300) -> list[Path]:
     """One UMAP per ``{name: obs column}``, saved as ``<outdir>/umap_<name>.<fmt>``."""
-    import matplotlib.pyplot as plt
-
     paths: list[Path] = []
     for name, key in keys.items():
         if key not in adata.obs:
@@ -141,13 +160,14 @@ def plot_umaps(adata: ad.AnnData, keys: Mapping[str, str], outdir: str | Path,
             sc.pl.umap(adata, color=key, ax=ax, show=False, palette=_palette(cats, key),
                        legend_loc="on data" if name == "cluster" else "right margin",
                        legend_fontsize=7, frameon=False, title=f"{key} ({adata.n_obs} cells)")
-        paths += save_figure(fig, Path(outdir) / f"umap_{name}", formats)
+        paths += save_figure(fig, Path(outdir) / f"umap_{name}", formats, dpi)
     return paths
 
 
 def plot_marker_dotplot(adata: ad.AnnData, markers: Mapping[str, Sequence[str]], groupby: str,
                         stem: str | Path, formats: Sequence[str] = ("png",),
-                        per_group: int = 4, keep: Iterable[str] = ()) -> list[Path]:
+                        per_group: int = 4, keep: Iterable[str] = (), dpi: int = 300
+                        ) -> list[Path]:
     """Dot plot of the panel markers (those present) of each group found in ``groupby``.
 
     ``markers`` maps a type or state name to its markers; names that occur in
@@ -172,7 +192,7 @@ def plot_marker_dotplot(adata: ad.AnnData, markers: Mapping[str, Sequence[str]],
                            standard_scale="var", use_raw=False,
                            title=f"panel markers by {groupby}")
         dp.make_figure()
-    return save_figure(dp.fig, stem, formats)
+    return save_figure(dp.fig, stem, formats, dpi)
 
 
 def check_config(cfg: Mapping[str, Any]) -> None:
@@ -194,15 +214,39 @@ def rule_cluster(smk: Any) -> None:
     check_input(adata, smk.input.h5ad, cfg["use_rep"])
     cluster(adata, cfg, seed=int(smk.params.seed))
     for res, path in zip(cfg["resolutions"], smk.output.markers, strict=True):
-        rank_markers(adata, resolution_key(res), cfg["n_marker_genes"]).to_csv(
+        rank_markers(adata, resolution_key(res), cfg["n_marker_genes"],
+                     cfg["marker_max_cells"], int(smk.params.seed)).to_csv(
             path, sep="\t", index=False)
-    adata.write_h5ad(smk.output.h5ad, compression="gzip")
+    clusters_only(adata).write_h5ad(smk.output.h5ad)  # temporary: no compression
+
+
+def clusters_only(adata: ad.AnnData) -> ad.AnnData:
+    """What the cluster stage adds (obs, obsm, obsp, uns), without the expression matrices:
+    the next stage takes those from integrated.h5ad (:func:`read_clustered`), so no full
+    matrix is written twice."""
+    return ad.AnnData(obs=adata.obs, var=pd.DataFrame(index=adata.var_names), obsm=adata.obsm,
+                      obsp=adata.obsp, uns=adata.uns)
+
+
+def read_clustered(integrated: str | Path, clustered: str | Path) -> ad.AnnData:
+    """integrated.h5ad (expression, counts, var) with the obs, obsm, obsp and uns of
+    clustered.h5ad (:func:`clusters_only`), checked to hold the same cells."""
+    adata = ad.read_h5ad(integrated)
+    clusters = ad.read_h5ad(clustered)
+    if not adata.obs_names.equals(clusters.obs_names):
+        raise ClusterInputError(f"{clustered}: its cells are not those of {integrated} "
+                                "(rerun the cluster rule)")
+    adata.obs = clusters.obs
+    for key, value in clusters.obsm.items():
+        adata.obsm[key] = value
+    for key, value in clusters.obsp.items():
+        adata.obsp[key] = value
+    adata.uns.update(clusters.uns)
+    return adata
 
 
 def placeholder_figure(title: str, why: str) -> Any:
     """A figure that says what was not drawn and why (diagnostics never stop the run)."""
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(6.5, 2))
     ax.axis("off")
     ax.text(0.0, 0.9, f"{title}: not computed\n{why}", va="top", ha="left", fontsize=9,
@@ -216,22 +260,20 @@ def rule_cluster_figures(smk: Any) -> None:
     A diagnostic: a figure that cannot be drawn (an absent obs column, no panel marker among
     the genes, ...) is written as a figure saying "not computed: why", and the rule exits 0.
     """
-    from livermsc.annotate import load_panel
-
     adata = ad.read_h5ad(smk.input.h5ad)
-    formats = list(smk.params.formats)
+    formats, dpi = list(smk.params.formats), int(smk.params.dpi)
     keys = {"sample": "sample", "arm": "arm",
             "cluster": resolution_key(smk.params.resolution), "cell_type": "cell_type",
             "cell_state": "cell_state"}
     outdir = Path(smk.output.figures[0]).parent
     for name, key in keys.items():
         try:
-            plot_umaps(adata, {name: key}, outdir, formats)
+            plot_umaps(adata, {name: key}, outdir, formats, dpi)
         except Exception as err:  # a diagnostic figure: record why, never stop the run
             why = f"{type(err).__name__}: {err}"
             log.warning("UMAP by %s not drawn (%s)", key, why)
             save_figure(placeholder_figure(f"UMAP by {key}", why), outdir / f"umap_{name}",
-                        formats)
+                        formats, dpi)
     try:
         panel = load_panel(smk.input.celltypes, species=smk.params.species)
         markers: dict[str, list[str]] = {}
@@ -243,9 +285,9 @@ def rule_cluster_figures(smk: Any) -> None:
             if found & set(t.states):
                 keep.append(name)  # the parent's markers next to its states
         plot_marker_dotplot(adata, markers, "cell_state", outdir / "markers_dotplot", formats,
-                            keep=keep)
+                            keep=keep, dpi=dpi)
     except Exception as err:  # a diagnostic figure: record why, never stop the run
         why = f"{type(err).__name__}: {err}"
         log.warning("marker dot plot not drawn (%s)", why)
         save_figure(placeholder_figure("marker dot plot", why), outdir / "markers_dotplot",
-                    formats)
+                    formats, dpi)

@@ -3,7 +3,8 @@
 Every reader first reads the gene and barcode names (cheap) and only then the matrix, so that
 a file of the wrong species is refused before the counts are loaded. The result of
 :func:`ingest_sample` holds raw counts as a CSR matrix (float32 holding integers; float64
-where a value exceeds 2**24) in ``X`` and ``layers["counts"]``, unique gene symbols as
+where a value exceeds 2**24) in ``layers["counts"]`` only (``X`` is empty: one copy of the
+counts, the scverse place for raw counts), unique gene symbols as
 ``var_names`` (duplicated symbols are *summed*, see :func:`merge_duplicate_symbols`), obs names
 ``<sample>:<barcode>`` and the sample sheet's columns as categorical ``obs``. The cell metadata
 a file carries (h5ad ``obs``, Seurat ``meta.data``) is kept in ``obs`` as ``source_<column>``.
@@ -853,8 +854,7 @@ def ingest_sample(path: str | Path, row: Mapping[str, Any], study: str, species:
     obs.insert(0, "barcode", barcodes.to_numpy())
     for col, values in _source_obs(src.obs, rows).items():
         obs[col] = values
-    adata = ad.AnnData(X=X, obs=obs, var=var_out)
-    adata.layers["counts"] = X.copy()
+    adata = ad.AnnData(X=None, obs=obs, var=var_out, layers={"counts": X})
     adata.uns["ingest"] = {
         "source_file": str(src.path), "format": fmt, **{k: str(v) for k, v in src.info.items()},
         "n_cells": int(X.shape[0]), "n_features_in_file": int(n_features),

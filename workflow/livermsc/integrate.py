@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import anndata as ad
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
+from sklearn.neighbors import NearestNeighbors
 
-from livermsc.plotting import save_figure
+from livermsc.plotting import integration_metric_plot, save_figure
 
 log = logging.getLogger("livermsc.integrate")
 
@@ -47,7 +49,7 @@ def choose_accelerator(requested: str = "auto") -> str:
     ``auto`` picks the GPU when torch sees a CUDA device and the CPU otherwise; ``gpu`` without a
     CUDA device is an error (rather than a silent fall-back to a much slower CPU run).
     """
-    import torch
+    import torch  # heavy (torch, seconds): imported only where scVI runs
 
     if requested not in ("auto", "cpu", "gpu"):
         raise ValueError(f"integrate.accelerator: {requested!r} is not one of auto, cpu, gpu")
@@ -65,6 +67,7 @@ def choose_accelerator(requested: str = "auto") -> str:
 
 def accelerator_info(accelerator: str) -> dict[str, str]:
     """A record of the device scVI trained on (for ``uns["scvi"]``)."""
+    # heavy (scvi-tools, torch): imported only where scVI runs
     import scvi
     import torch
 
@@ -288,6 +291,7 @@ def pca_baseline(adata: ad.AnnData, n_comps: int, seed: int) -> None:
 def train_scvi(adata: ad.AnnData, params: Mapping[str, Any], batch_key: str, seed: int,
                accelerator: str, threads: int = 1) -> Any:
     """Train scVI on the raw counts of ``adata`` (already subset to HVGs); return the model."""
+    # heavy (scvi-tools, torch): imported only where scVI runs
     import scvi
     import torch
 
@@ -412,8 +416,8 @@ METRICS: dict[str, tuple[str, str]] = {
 
 
 def _knn(X: np.ndarray, k: int) -> Any:
+    # heavy (scib-metrics loads jax): imported only by the integration-metrics rule
     from scib_metrics.nearest_neighbors import NeighborsResults
-    from sklearn.neighbors import NearestNeighbors
 
     k = min(k, X.shape[0] - 1)
     dist, idx = NearestNeighbors(n_neighbors=k).fit(X).kneighbors(X)
@@ -429,7 +433,7 @@ NEEDS_BATCHES = {"ilisi", "kbet", "kbet_per_label", "graph_connectivity", "silho
 def _one_metric(m: str, X: np.ndarray, nn: Any, labels: np.ndarray, batch: np.ndarray,
                 base: np.ndarray) -> dict[str, float]:
     """Value(s) of metric ``m`` (nmi and ari come together)."""
-    import scib_metrics as sm
+    import scib_metrics as sm  # heavy (jax): imported only by the integration-metrics rule
 
     if m == "ilisi":
         return {m: sm.ilisi_knn(nn, batch)}
@@ -549,10 +553,6 @@ def metrics_figure(table: pd.DataFrame) -> Any:
     Metrics that were not computed are listed under the plot with the reason; when none was,
     the figure holds only that text.
     """
-    import matplotlib.pyplot as plt
-
-    from livermsc.plotting import integration_metric_plot
-
     note = table["note"].fillna("").astype(str) if "note" in table else \
         pd.Series("", index=table.index)
     done = table[table["value"].notna() & (note == "")]
@@ -584,7 +584,7 @@ def rule_integration_metrics(smk: Any) -> None:
     cfg = smk.params.cfg
     label_key, batch_key = "cell_type", smk.params.batch_key
     try:
-        adata = ad.read_h5ad(smk.input.h5ad)
+        adata = ad.read_h5ad(smk.input.h5ad, backed="r")  # obs and obsm only: X stays on disk
         table = integration_metrics(adata, label_key=label_key, batch_key=batch_key,
                                     embeddings=cfg["embeddings"], metrics=cfg["metrics"],
                                     max_cells=cfg["max_cells"], seed=int(smk.params.seed))
@@ -602,4 +602,4 @@ def rule_integration_metrics(smk: Any) -> None:
                     type(err).__name__, err)
         fig = metrics_figure(table.assign(value=float("nan"),
                                           note=f"not computed: figure failed ({err})"))
-    save_figure(fig, Path(smk.output.figures[0]), smk.params.formats)
+    save_figure(fig, Path(smk.output.figures[0]), smk.params.formats, int(smk.params.dpi))

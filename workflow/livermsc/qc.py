@@ -32,20 +32,27 @@ A cell can fail several reasons; the table counts each reason and the exclusive 
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import anndata as ad
+import igraph as ig
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 from scipy.stats import median_abs_deviation
+from sklearn.neighbors import kneighbors_graph
+
+from livermsc.plotting import OKABE_ITO, save_figure
+from livermsc.schema import schema_of, section_defaults, section_settings
 
 log = logging.getLogger("livermsc.qc")
 
@@ -93,69 +100,95 @@ class MtClass:
                    max_pct_mt=float(entry["max_pct_mt"]))
 
 
+#: QCSettings field -> its key in the validated ``qc`` config section (qc.schema.yaml)
+QC_KEYS: dict[str, tuple[str, ...]] = {
+    "n_mads": ("n_mads",), "outlier_metrics": ("outlier_metrics",),
+    "n_mads_mt": ("n_mads_mt",), "min_pct_mt": ("min_pct_mt",), "max_pct_mt": ("max_pct_mt",),
+    "min_genes": ("min_genes",), "min_genes_max_fraction": ("min_genes_max_fraction",),
+    "min_cells": ("min_cells",), "detect_doublets": ("doublets", "detect"),
+    "remove_doublets": ("doublets", "remove"),
+    "expected_doublet_rate": ("doublets", "expected_rate"),
+    "doublet_threshold": ("doublets", "threshold"),
+    "doublet_fallback_threshold": ("doublets", "fallback_threshold"),
+    "doublet_n_pcs": ("doublets", "n_pcs"), "doublet_log_transform": ("doublets", "log_transform"),
+    "doublet_sim_ratio": ("doublets", "sim_ratio"), "doublet_min_cells": ("doublets", "min_cells"),
+    "mt_classes": ("mt_classes",), "mt_class_by": ("mt_class_by",),
+    "mt_class_resolution": ("mt_class_resolution",),
+}
+
+
+def _field_values(qc: Mapping[str, Any], seed: int, species: str) -> dict[str, Any]:
+    """:class:`QCSettings` field values from a validated ``qc`` section (defaults filled)."""
+    values: dict[str, Any] = {}
+    for name, keys in QC_KEYS.items():
+        value: Any = qc
+        for key in keys:
+            value = value[key]
+        values[name] = value
+    values["outlier_metrics"] = tuple(values["outlier_metrics"])
+    values["mt_classes"] = tuple(MtClass.from_config(c, species) for c in values["mt_classes"])
+    values["mt_class_resolution"] = float(values["mt_class_resolution"])
+    values["seed"] = int(seed)
+    return values
+
+
+@functools.cache
+def _schema_values() -> dict[str, Any]:
+    """The field values of the schema defaults (qc.schema.yaml, the config's seed, mouse)."""
+    seed = schema_of("config")["properties"]["seed"]["default"]
+    return _field_values(section_defaults("qc"), seed, "mouse")
+
+
+def _schema_default(name: str) -> Any:
+    """A :class:`QCSettings` field whose default is read from the schema, not written here."""
+    return field(default_factory=lambda: _schema_values()[name])
+
+
 @dataclass(frozen=True)
 class QCSettings:
-    """QC thresholds of one sample (the qc config with the sample sheet's overrides)."""
+    """QC thresholds of one sample (the qc config with the sample sheet's overrides).
 
-    n_mads: float = 5.0
-    outlier_metrics: tuple[str, ...] = ("counts", "genes", "top20")
-    n_mads_mt: float = 3.0
-    min_pct_mt: float = 15.0
-    max_pct_mt: float = 25.0
-    min_genes: int = 200
-    min_genes_max_fraction: float = 0.1
-    min_cells: int = 0
-    detect_doublets: bool = True
-    remove_doublets: bool = True
-    expected_doublet_rate: float = 0.06
-    doublet_threshold: float | None = None
-    doublet_fallback_threshold: float = 0.25
-    doublet_n_pcs: int = 10
-    doublet_log_transform: bool = True
-    doublet_sim_ratio: float = 2.0
-    doublet_min_cells: int = 100
-    mt_classes: tuple[MtClass, ...] = ()
-    mt_class_by: str = "cluster"
-    mt_class_resolution: float = 1.0
-    seed: int = 0
+    Every default comes from workflow/schemas/qc.schema.yaml (the mitochondrial classes with
+    their mouse markers; the seed from config.schema.yaml): ``QCSettings()`` equals
+    ``QCSettings.from_config({})``.
+    """
+
+    n_mads: float = _schema_default("n_mads")
+    outlier_metrics: tuple[str, ...] = _schema_default("outlier_metrics")
+    n_mads_mt: float = _schema_default("n_mads_mt")
+    min_pct_mt: float = _schema_default("min_pct_mt")
+    max_pct_mt: float = _schema_default("max_pct_mt")
+    min_genes: int = _schema_default("min_genes")
+    min_genes_max_fraction: float = _schema_default("min_genes_max_fraction")
+    min_cells: int = _schema_default("min_cells")
+    detect_doublets: bool = _schema_default("detect_doublets")
+    remove_doublets: bool = _schema_default("remove_doublets")
+    expected_doublet_rate: float = _schema_default("expected_doublet_rate")
+    doublet_threshold: float | None = _schema_default("doublet_threshold")
+    doublet_fallback_threshold: float = _schema_default("doublet_fallback_threshold")
+    doublet_n_pcs: int = _schema_default("doublet_n_pcs")
+    doublet_log_transform: bool = _schema_default("doublet_log_transform")
+    doublet_sim_ratio: float = _schema_default("doublet_sim_ratio")
+    doublet_min_cells: int = _schema_default("doublet_min_cells")
+    mt_classes: tuple[MtClass, ...] = _schema_default("mt_classes")
+    mt_class_by: str = _schema_default("mt_class_by")
+    mt_class_resolution: float = _schema_default("mt_class_resolution")
+    seed: int = _schema_default("seed")
 
     @classmethod
-    def from_config(cls, qc: Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
-                    seed: int = 0, species: str = "mouse") -> QCSettings:
-        """Settings from the validated ``qc`` config section and a sample's sheet overrides.
+    def from_config(cls, qc: Mapping[str, Any] | None, overrides: Mapping[str, Any] | None = None,
+                    seed: int | None = None, species: str = "mouse") -> QCSettings:
+        """Settings from the ``qc`` config section and a sample's sheet overrides.
 
+        ``qc`` is validated against qc.schema.yaml and its defaults filled (a partial section
+        or None takes the schema's defaults); ``seed`` None is the config's default seed.
         ``overrides`` may hold the sample-sheet columns ``qc_n_mads``, ``qc_n_mads_mt`` and
         ``qc_max_pct_mt`` (strings or numbers; missing/empty values are ignored); the two
         mitochondrial overrides apply to class ``other`` (cells of no ``mt_classes`` entry).
         ``species`` picks the markers of the mitochondrial classes.
         """
-        dbl = dict(qc.get("doublets", {}))
-        values: dict[str, Any] = {
-            "n_mads": qc.get("n_mads", cls.n_mads),
-            "outlier_metrics": tuple(qc.get("outlier_metrics", cls.outlier_metrics)),
-            "n_mads_mt": qc.get("n_mads_mt", cls.n_mads_mt),
-            "min_pct_mt": qc.get("min_pct_mt", cls.min_pct_mt),
-            "max_pct_mt": qc.get("max_pct_mt", cls.max_pct_mt),
-            "min_genes": qc.get("min_genes", cls.min_genes),
-            "min_genes_max_fraction": qc.get("min_genes_max_fraction",
-                                             cls.min_genes_max_fraction),
-            "min_cells": qc.get("min_cells", cls.min_cells),
-            "detect_doublets": dbl.get("detect", cls.detect_doublets),
-            "remove_doublets": dbl.get("remove", cls.remove_doublets),
-            "expected_doublet_rate": dbl.get("expected_rate", cls.expected_doublet_rate),
-            "doublet_threshold": dbl.get("threshold", cls.doublet_threshold),
-            "doublet_fallback_threshold": dbl.get("fallback_threshold",
-                                                  cls.doublet_fallback_threshold),
-            "doublet_n_pcs": dbl.get("n_pcs", cls.doublet_n_pcs),
-            "doublet_log_transform": dbl.get("log_transform", cls.doublet_log_transform),
-            "doublet_sim_ratio": dbl.get("sim_ratio", cls.doublet_sim_ratio),
-            "doublet_min_cells": dbl.get("min_cells", cls.doublet_min_cells),
-            "mt_classes": tuple(MtClass.from_config(c, species)
-                                for c in qc.get("mt_classes", ())),
-            "mt_class_by": qc.get("mt_class_by", cls.mt_class_by),
-            "mt_class_resolution": float(qc.get("mt_class_resolution", cls.mt_class_resolution)),
-            "seed": seed,
-        }
+        qc = section_settings(qc, "qc", "qc")
+        values = _field_values(qc, _schema_values()["seed"] if seed is None else seed, species)
         for column, key in (("qc_n_mads", "n_mads"), ("qc_n_mads_mt", "n_mads_mt"),
                             ("qc_max_pct_mt", "max_pct_mt")):
             value = (overrides or {}).get(column)
@@ -309,9 +342,6 @@ def quick_clusters(adata: ad.AnnData, resolution: float, seed: int) -> np.ndarra
     The graph is scikit-learn's kNN graph (symmetrised) and Leiden is igraph's, which keeps this
     per-sample step free of numba compilation (seconds, not half a minute, per sample).
     """
-    import igraph as ig
-    from sklearn.neighbors import kneighbors_graph
-
     b = ad.AnnData(X=sp.csr_matrix(adata.X, dtype=np.float32),
                    obs=pd.DataFrame(index=adata.obs_names), var=pd.DataFrame(index=adata.var_names))
     sc.pp.normalize_total(b)
@@ -404,7 +434,10 @@ def detect_doublets(adata: ad.AnnData, settings: QCSettings) -> dict[str, Any]:
         sc.pp.scrublet(sub, expected_doublet_rate=settings.expected_doublet_rate,
                        sim_doublet_ratio=settings.doublet_sim_ratio, n_prin_comps=n_pcs,
                        log_transform=settings.doublet_log_transform,
-                       threshold=settings.doublet_threshold, random_state=settings.seed)
+                       threshold=settings.doublet_threshold, random_state=settings.seed,
+                       # exact scikit-learn kNN: pynndescent would spend ~45 s compiling
+                       # (numba) in every per-sample job, longer than the exact search
+                       use_approx_neighbors=False)
     scores = sub.obs["doublet_score"].to_numpy(dtype=float)
     if settings.doublet_threshold is not None:
         thr, source = float(settings.doublet_threshold), "config"
@@ -425,15 +458,19 @@ def run_qc(adata: ad.AnnData, settings: QCSettings, species: str
            ) -> tuple[ad.AnnData, ad.AnnData, dict[str, Any]]:
     """QC one sample: returns (all cells annotated, kept cells, table row).
 
-    ``adata`` holds one sample's raw counts in X (as written by the ingest stage). The first
-    result keeps every cell with its metrics and ``obs['qc_fail_<reason>']`` flags (for
-    figures); the second is the filtered AnnData (counts in X and ``layers['counts']``).
+    ``adata`` holds one sample's raw counts in ``layers['counts']`` (as written by the ingest
+    stage; an object without that layer is read from X). The first result keeps every cell
+    with its metrics and ``obs['qc_fail_<reason>']`` flags and the counts in X (for figures);
+    the second is the filtered AnnData, raw counts (CSR) in ``layers['counts']`` only and X
+    empty, as written to ``results/<study>/qc/<sample>.h5ad``.
     """
     if adata.n_obs == 0:
         raise ValueError("QC needs at least one cell")
     adata = adata.copy()
-    if "counts" in adata.layers:
-        adata.X = adata.layers["counts"].copy()
+    if "counts" in adata.layers:  # the helpers below read the counts from X: move, not copy
+        adata.X = adata.layers.pop("counts")
+    if adata.X is None:
+        raise ValueError("QC needs raw counts in layers['counts'] (or X); the AnnData has none")
     groups = compute_qc_metrics(adata, species)
     classes, class_info = mt_classes_of(adata, settings)
     adata.obs["qc_mt_class"] = pd.Categorical(classes)
@@ -467,8 +504,8 @@ def run_qc(adata: ad.AnnData, settings: QCSettings, species: str
     n_genes_in = kept.n_vars
     if settings.min_cells > 0:
         kept = kept[:, n_cells_gene >= settings.min_cells].copy()
-    kept.X = sp.csr_matrix(kept.X)
-    kept.layers["counts"] = kept.X.copy()
+    kept.layers["counts"] = sp.csr_matrix(kept.X)  # the one copy of the counts on disk
+    kept.X = None
     obs0 = adata.obs
     row: dict[str, Any] = {
         "study": str(obs0["study"].iloc[0]) if "study" in obs0 else "",
@@ -528,16 +565,12 @@ def detect_doublets_subset(adata: ad.AnnData, mask: np.ndarray, settings: QCSett
 # --- figures and tables ----------------------------------------------------------------------
 
 def plot_qc(adata: ad.AnnData, row: Mapping[str, Any], stem: str | Path,
-            formats: Iterable[str] = ("png",), dpi: int = 150) -> list[Path]:
+            formats: Iterable[str] = ("png",), dpi: int = 300) -> list[Path]:
     """Distributions of the QC metrics (kept vs removed cells) with the thresholds drawn.
 
     The mitochondrial panel draws each coarse class separately with its own threshold, and a
     bar panel shows how many cells each rule flags (a cell can fail several).
     """
-    import matplotlib.pyplot as plt
-
-    from livermsc.plotting import OKABE_ITO, save_figure
-
     obs = adata.obs
     kept = obs["qc_pass"].to_numpy(dtype=bool)
     fig, axes = plt.subplots(2, 4, figsize=(16, 7))
@@ -632,7 +665,7 @@ def rule_qc(smk: Any) -> None:
     pd.DataFrame([row]).to_csv(smk.output.table, sep="\t", index=False)
     # save_figure takes "<stem>.<fmt>" as the stem "<stem>" (sample ids may hold dots)
     plot_qc(annotated, row, smk.output.figures[0], formats=smk.params.formats,
-            dpi=int(smk.params.qc["figure_dpi"]))
+            dpi=int(smk.params.dpi))
     log.info("%s: %d -> %d cells", row["sample"], row["n_cells_in"], row["n_cells_out"])
 
 

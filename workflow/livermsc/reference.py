@@ -25,8 +25,11 @@ import scipy.sparse as sp
 import scvi
 import torch
 
-from livermsc.annotate import UNASSIGNED, AnnotationInputError, annotate, load_panel
+from livermsc.annotate import AnnotationInputError, annotate
+from livermsc.catalogue import load_panel
+from livermsc.cluster import read_clustered
 from livermsc.integrate import choose_accelerator
+from livermsc.vocabulary import UNASSIGNED
 
 log = logging.getLogger("livermsc.reference")
 
@@ -147,7 +150,7 @@ def rule_annotate_reference(smk: Any) -> None:
     panel = load_panel(smk.input.celltypes, species=smk.params.species)
     reference = read_reference(smk.input.reference, ref_cfg["label_key"])
     accelerator = choose_accelerator(ref_cfg["accelerator"])
-    adata = ad.read_h5ad(smk.input.h5ad)
+    adata = read_clustered(smk.input.integrated, smk.input.clustered)
     table = annotate(adata, panel, cfg, seed, threads, transfer=lambda a: transfer_labels(
         a, reference, ref_cfg, seed, threads, accelerator))
     table.to_csv(smk.output.table, sep="\t", index=False)

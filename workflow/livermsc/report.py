@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import html
 import logging
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -75,7 +76,7 @@ def preferred_format(formats: Sequence[str]) -> str:
         if fmt in formats:
             return fmt
     if not formats:
-        raise ValueError("report: no figure format configured (report.formats is empty)")
+        raise ValueError("report: no figure format configured (figures.formats is empty)")
     return formats[0]
 
 
@@ -489,8 +490,6 @@ def render_html(blocks: Sequence[Block], base_dir: str | Path, embed: bool = Tru
 
 def _relative(path: str | Path, start: str | Path) -> str:
     """``path`` relative to the folder ``start``, with forward slashes."""
-    import os
-
     return Path(os.path.relpath(Path(path), Path(start))).as_posix()
 
 

@@ -37,31 +37,30 @@ the genes the expression filter keeps (``n_genes_used``), which the pseudobulk m
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import anndata as ad
+import decoupler as dc
+import gseapy
 import numpy as np
 import pandas as pd
+import scanpy as sc
 import scipy.sparse as sp
 
 from livermsc import geneset
-from livermsc.config import SCHEMA_DIR, ConfigError, load_yaml
+from livermsc.catalogue import load_catalogue, load_signatures
+from livermsc.config import score_settings
+from livermsc.vocabulary import ALL, POPULATION_LEVELS, SHARE_METHOD, share_measure
 
 log = logging.getLogger("livermsc.score")
 
-POPULATION_LEVELS = ("cell_type", "cell_state")
-SIGNATURE_METHODS = ("voom", "pseudobulk_z", "pseudobulk_mean", "ssgsea", "score_genes", "ulm")
 PSEUDOBULK_METHODS = ("voom", "pseudobulk_z", "pseudobulk_mean")
 PRIOR_COUNT = 2.0  # edgeR cpm(log = TRUE) prior count, scaled by library size
 CELL_METHODS = ("score_genes", "ulm")
-SHARE_METHOD = "proportion"
-ALL = "all"
 SAMPLE_INFO = ("sample", "animal", "arm", "batch", "stage")
 SCORE_COLUMNS = ["study", "sample", "animal", "arm", "batch", "stage", "population_level",
                  "population", "measure_type", "measure", "method", "value", "n_cells",
@@ -71,39 +70,7 @@ COVERAGE_COLUMNS = ["signature", "population_level", "population", "n_samples", 
                     "n_found", "n_genes_used", "genes_used", "usable"]
 
 
-@lru_cache(maxsize=1)
-def _schema_defaults() -> dict[str, Any]:
-    """Defaults of the score settings, from ``workflow/schemas/score.schema.yaml``."""
-    schema = load_yaml(SCHEMA_DIR / "score.schema.yaml")
-    return {k: v["default"] for k, v in schema["properties"].items() if "default" in v}
-
-
 # --- signatures ---------------------------------------------------------------------------------
-
-def load_signatures(path: str | Path, species: str) -> dict[str, list[str]]:
-    """Gene symbols of every signature in ``path`` for ``species`` (mouse or human).
-
-    The file holds ``signatures: {id: {mouse: [...], human: [...], source: ...}}``. A signature
-    without a list for ``species`` gets an empty list (its coverage is then zero).
-    """
-    doc = load_yaml(path)
-    if not isinstance(doc, dict) or not isinstance(doc.get("signatures"), dict) or not doc["signatures"]:
-        raise ConfigError(f"{path}: field 'signatures': missing or empty "
-                          "(expected: a mapping of signature id -> {mouse: [...], human: [...]})")
-    if species not in ("mouse", "human"):
-        raise ConfigError(f"{path}: unknown species {species!r} (expected: mouse or human)")
-    out: dict[str, list[str]] = {}
-    for sid, entry in doc["signatures"].items():
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{path}: field 'signatures.{sid}': expected a mapping with "
-                              "'mouse' and 'human' gene lists")
-        genes = entry.get(species, [])
-        if not isinstance(genes, list) or not all(isinstance(g, str) for g in genes):
-            raise ConfigError(f"{path}: field 'signatures.{sid}.{species}': expected a list of "
-                              "gene symbols")
-        out[str(sid)] = list(dict.fromkeys(genes))
-    return out
-
 
 def write_gmt(gene_sets: Mapping[str, Sequence[str]], path: str | Path) -> Path:
     """Write gene sets as a GMT file (name, description, genes; tab-separated)."""
@@ -180,8 +147,6 @@ def counts_matrix(adata: ad.AnnData) -> sp.csr_matrix:
 
 def lognorm(adata: ad.AnnData) -> ad.AnnData:
     """A copy holding counts normalised to 1e4 per cell and log1p-transformed in ``X``."""
-    import scanpy as sc
-
     out = ad.AnnData(X=counts_matrix(adata), obs=adata.obs.copy(), var=adata.var[[]].copy())
     sc.pp.normalize_total(out, target_sum=1e4)
     sc.pp.log1p(out)
@@ -217,8 +182,6 @@ def score_cells(norm: ad.AnnData, gene_sets: Mapping[str, Sequence[str]],
     genes matched by expression bin, seeded); ``ulm`` is decoupler's univariate linear model of
     each cell's expression on signature membership (t-value of the slope).
     """
-    import scanpy as sc
-
     methods = [m for m in methods if m in CELL_METHODS]
     out = pd.DataFrame(index=norm.obs_names)
     if not gene_sets:
@@ -230,8 +193,6 @@ def score_cells(norm: ad.AnnData, gene_sets: Mapping[str, Sequence[str]],
                               score_name="_score", use_raw=False)
             out[f"score_genes:{sid}"] = tmp.obs["_score"].to_numpy()
     if "ulm" in methods:
-        import decoupler as dc
-
         net = pd.DataFrame([(sid, g, 1.0) for sid, genes in gene_sets.items() for g in genes],
                            columns=["source", "target", "weight"])
         tmp = ad.AnnData(X=sp.csr_matrix(norm.X), obs=pd.DataFrame(index=norm.obs_names),
@@ -420,8 +381,6 @@ def pseudobulk_scores(pb: ad.AnnData, gene_sets: Mapping[str, Sequence[str]],
 def _ssgsea(pb: ad.AnnData, gene_sets: Mapping[str, Sequence[str]], seed: int, weight: float,
             threads: int) -> pd.DataFrame:
     """ssGSEA enrichment scores (gseapy, local gene sets) of each pseudobulk profile."""
-    import gseapy
-
     expr = pd.DataFrame(np.asarray(pb.X).T, index=pb.var_names, columns=pb.obs_names)
     expr = expr.loc[expr.var(axis=1) > 0]
     sets = {k: [g for g in v if g in expr.index] for k, v in gene_sets.items()}
@@ -458,11 +417,6 @@ def cell_score_means(cell_scores: pd.DataFrame, pb: ad.AnnData, obs: pd.DataFram
 
 
 # --- shares ---------------------------------------------------------------------------------------
-
-def share_measure(parent_level: str, parent: str) -> str:
-    """Name of a share measure: ``share_of:all`` or ``share_of:<level>:<value>``."""
-    return f"share_of:{ALL}" if parent_level == ALL else f"share_of:{parent_level}:{parent}"
-
 
 def default_share_pairs(obs: pd.DataFrame, levels: Sequence[str]) -> list[tuple[str, str, str, str]]:
     """(level, population, parent level, parent) pairs: every population over all cells, and
@@ -535,20 +489,6 @@ class ScoreResult:
     population_coverage: pd.DataFrame | None = None  # genes used per signature x population
 
 
-def score_settings(cfg: Mapping | None) -> dict[str, Any]:
-    """The score settings with defaults filled and methods checked."""
-    out = {**copy.deepcopy(_schema_defaults()), **dict(cfg or {})}
-    unknown = [m for m in out["methods"] if m not in SIGNATURE_METHODS]
-    if unknown:
-        raise ConfigError(f"config: field 'score.methods': unknown method(s) {unknown} "
-                          f"(expected: any of {list(SIGNATURE_METHODS)})")
-    bad = [lv for lv in out["population_levels"] if lv not in POPULATION_LEVELS]
-    if bad:
-        raise ConfigError(f"config: field 'score.population_levels': unknown level(s) {bad} "
-                          f"(expected: any of {list(POPULATION_LEVELS)})")
-    return out
-
-
 def score_study(adata: ad.AnnData, signatures: Mapping[str, Sequence[str]], study: str,
                 cfg: Mapping | None = None, share_pairs: Iterable[tuple[str, str, str, str]] = (),
                 seed: int = 0, threads: int = 1,
@@ -618,8 +558,6 @@ def rule_score(smk: Any) -> None:
     """Rule ``score``: score ``input.adata`` and write the tables, the pseudobulk and the GMT."""
     cfg = dict(smk.params.cfg)
     signatures = load_signatures(smk.input.signatures, smk.params.species)
-    from livermsc.claims import load_catalogue
-
     catalogue = load_catalogue(smk.input.catalogue) if smk.input.get("catalogue") else None
     adata = ad.read_h5ad(smk.input.adata)
     res = score_study(adata, signatures, smk.wildcards.study, cfg,

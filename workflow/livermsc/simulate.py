@@ -44,6 +44,8 @@ import scipy.io
 import scipy.sparse as sp
 import yaml
 
+from livermsc.schema import validate
+
 # --- cell types, states and their markers (real mouse symbols) ---------------------------------
 
 #: cell_type -> (baseline share, log mean library size, marker genes)
@@ -122,12 +124,18 @@ def _to_species(symbols: list[str], species: str) -> list[str]:
     return [s.upper() for s in symbols] if species == "human" else list(symbols)
 
 
+def validated(params: dict | None) -> dict:
+    """Simulation parameters checked against simulate.schema.yaml, with its defaults filled."""
+    return validate(dict(params or {}), "simulate", "simulate parameters")
+
+
 def design(params: dict, species: str = "mouse") -> pd.DataFrame:
     """The sample sheet of a simulated study: one animal per sample, batches alternating within
     each arm (or one batch per arm with ``batch_by_arm``)."""
+    params = validated(params)
     rows = []
-    n_batches = int(params.get("n_batches", 2))
-    by_arm = bool(params.get("batch_by_arm", False))
+    n_batches = int(params["n_batches"])
+    by_arm = bool(params["batch_by_arm"])
     for arm in params["arms"]:
         for i in range(int(params["animals_per_arm"])):
             sample = f"{arm}_{i + 1}"
@@ -139,10 +147,11 @@ def design(params: dict, species: str = "mouse") -> pd.DataFrame:
 
 def parse_effects(params: dict) -> list[Effect]:
     """Read and check the planted effects of a simulation config."""
+    params = validated(params)
     arms: dict[str, str | None] = params["arms"]
     populations = set(CELL_TYPES) | set(CELL_STATES)
     effects = []
-    for spec in params.get("effects", []):
+    for spec in params["effects"]:
         eff = Effect(id=spec["id"], kind=spec["kind"], population=spec["population"],
                      contrast=tuple(spec["contrast"]), size=float(spec["size"]),
                      program=spec.get("program"))
@@ -208,7 +217,7 @@ class _Genome:
 
     def __init__(self, signatures: dict[str, list[str]], n_background: int,
                  rng: np.random.Generator, params: dict | None = None) -> None:
-        params = params or {}
+        params = validated(params)
         named: list[str] = []
         for _, _, markers in CELL_TYPES.values():
             named += markers
@@ -248,7 +257,7 @@ class _Genome:
         for sig, homes in (params.get("signature_homes") or {}).items():
             self.homes.setdefault(sig, {}).update(homes)
         self.signature_umi = {k: tuple(v) for k, v in (params.get("signature_umi") or {}).items()}
-        self.rho = float(params.get("programme_correlation", 0.0))
+        self.rho = float(params["programme_correlation"])
         # non-signature genes that a background programme can take over (first background genes)
         self.background = np.arange(len(named), n)
         # each gene's signatures, for the shared animal component
@@ -403,7 +412,7 @@ def simulate_sample(genome: _Genome, params: dict, arm_level: dict[str, float],
             p /= p.sum()
             for b in bursts:
                 if b["population"] in (ct, st):
-                    _take_over(p, genome.background[:int(b.get("n_genes", 50))],
+                    _take_over(p, genome.background[:int(b["n_genes"])],
                                float(b["share"]))
             lib = np.exp(rng.normal(CELL_TYPES[ct][1], 0.3, size=n)) * batch_lib
             counts = _nb(lib[:, None] * p[None, :], params["theta"], rng)
@@ -474,6 +483,7 @@ def iter_samples(params: dict, signatures: dict[str, list[str]], seed: int = 0,
     (:func:`simulate_study`) and simulating in memory both go through here, so the same
     parameters, signatures and seed give the same counts either way.
     """
+    params = validated(params)
     rng = np.random.default_rng(seed)
     genome = _Genome(signatures, int(params["n_background_genes"]), rng, params)
     effects = parse_effects(params)
@@ -503,7 +513,7 @@ def iter_samples(params: dict, signatures: dict[str, list[str]], seed: int = 0,
 def _genome_score_sd(params: dict, signatures: dict[str, list[str]], signature: str) -> float:
     """Score-level SD of a signature (the unit of its programme effects)."""
     k = max(len(signatures[signature]), 1)
-    rho = float(params.get("programme_correlation", 0.0))
+    rho = float(params["programme_correlation"])
     return float(params["animal_sd"] * np.sqrt(rho + (1 - rho) / k))
 
 
@@ -514,6 +524,7 @@ def simulate_study(params: dict, species: str, signatures_path: str | Path, outd
     Writes ``<sample>/`` 10x folders, ``samples.tsv``, ``cells.tsv.gz`` (per-cell truth) and
     ``truth.yaml`` (design, planted effects and the arm levels they imply).
     """
+    params = validated(params)
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     signatures = _load_signatures(signatures_path)

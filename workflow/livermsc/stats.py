@@ -39,6 +39,8 @@ import pandas as pd
 from scipy import stats as sps
 from scipy.optimize import brentq
 
+from livermsc.geneset import score_model
+
 Z95 = float(sps.norm.ppf(0.975))
 
 
@@ -386,9 +388,6 @@ def linear_contrast(y: Sequence[float], design: Design, group_variances: bool = 
                     ) -> ContrastFit:
     """OLS of unit values on the design; c'b with per-cell residual variances (Welch-
     Satterthwaite df) or, with ``group_variances=False``, the pooled residual variance."""
-    # imported on first use: livermsc.geneset loads pyedger/pylimma (about 2 s)
-    from livermsc.geneset import score_model
-
     y = np.asarray(y, float)
     X = design.X.to_numpy(float)
     if X.shape[0] - X.shape[1] < 1:

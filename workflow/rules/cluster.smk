@@ -47,7 +47,8 @@ if REFERENCE:
 
     rule annotate_reference:
         input:
-            h5ad="results/{study}/clustered.h5ad",
+            integrated="results/{study}/integrated.h5ad",
+            clustered="results/{study}/clustered.h5ad",
             celltypes=CLUSTER["celltypes"],
             reference=REFERENCE["path"],
         output:
@@ -81,7 +82,8 @@ else:
 
     rule annotate:
         input:
-            h5ad="results/{study}/clustered.h5ad",
+            integrated="results/{study}/integrated.h5ad",
+            clustered="results/{study}/clustered.h5ad",
             celltypes=CLUSTER["celltypes"],
         output:
             h5ad="results/{study}/annotated.h5ad",
@@ -128,7 +130,6 @@ rule integration_metrics:
             category=REPORT_CATEGORY["integrate"],
             subcategory="{study}",
             labels={"study": "{study}", "figure": "integration metrics"},
-            formats=CLUSTER["figure_formats"],
         ),
     log:
         "logs/integration_metrics/{study}.log",
@@ -144,7 +145,8 @@ rule integration_metrics:
         entry="livermsc.integrate:rule_integration_metrics",
         cfg=CLUSTER["metrics"],
         batch_key=config["integrate"]["batch_key"],
-        formats=CLUSTER["figure_formats"],
+        formats=config["figures"]["formats"],
+        dpi=config["figures"]["dpi"],
         seed=config["seed"],
     script:
         ENTRY
@@ -164,7 +166,6 @@ rule cluster_figures:
                 category=REPORT_CATEGORY["cluster"],
                 subcategory="{study}",
                 labels={"study": "{study}", "figure": name.replace("_", " ")},
-                formats=CLUSTER["figure_formats"],
             )
         ],
     log:
@@ -181,7 +182,8 @@ rule cluster_figures:
         entry="livermsc.cluster:rule_cluster_figures",
         resolution=CLUSTER["annotation"]["resolution"],
         species=study_species,
-        formats=CLUSTER["figure_formats"],
+        formats=config["figures"]["formats"],
+        dpi=config["figures"]["dpi"],
     script:
         ENTRY
 
@@ -197,7 +199,7 @@ for _study in config["studies"]:
                 f"results/{_study}/figures/{name}.{fmt}"
                 for name in [f"umap_{n}" for n in UMAP_FIGURES]
                 + ["markers_dotplot", "integration_metrics"]
-                for fmt in CLUSTER["figure_formats"]
+                for fmt in config["figures"]["formats"]
             ],
         ]
     )

@@ -141,15 +141,15 @@ REPORT_CATEGORY = {
 # The format shown in the report (and embedded in summary.html): PNG, else SVG, else PDF.
 REPORT_FORMAT = next(
     f
-    for f in ("png", "svg", "pdf", *config["report"]["formats"])
-    if f in config["report"]["formats"]
+    for f in ("png", "svg", "pdf", *config["figures"]["formats"])
+    if f in config["figures"]["formats"]
 )
 
 
 def report_figure(stem, caption, category, subcategory=None, labels=None, formats=None):
-    """Files of one figure in each of `formats` (default: report.formats); one of them (PNG,
+    """Files of one figure in each of `formats` (default: figures.formats); one of them (PNG,
     else SVG, else PDF) is marked for the report."""
-    formats = formats or config["report"]["formats"]
+    formats = formats or config["figures"]["formats"]
     shown = next(f for f in ("png", "svg", "pdf", *formats) if f in formats)
     files = []
     for fmt in formats:

@@ -1,6 +1,6 @@
 # Read each sample's counts (10x mtx/h5, h5ad, Seurat .rds/.rda, CSV/TSV; its own file or its
-# cells of a combined file) into results/{study}/raw/{sample}.h5ad: raw counts in X and
-# layers["counts"], unique symbols, obs from the sample sheet (livermsc.ingest).
+# cells of a combined file) into results/{study}/raw/{sample}.h5ad: raw counts in
+# layers["counts"] (X empty), unique symbols, obs from the sample sheet (livermsc.ingest).
 
 
 rule ingest:

@@ -19,7 +19,6 @@ rule qc:
                 "sample": "{sample}",
                 "figure": "QC thresholds",
             },
-            formats=config["qc"]["figure_formats"],
         ),
     log:
         "logs/qc/{study}/{sample}.log",
@@ -37,7 +36,8 @@ rule qc:
         overrides=qc_overrides,
         species=study_species,
         seed=config["seed"],
-        formats=config["qc"]["figure_formats"],
+        formats=config["figures"]["formats"],
+        dpi=config["figures"]["dpi"],
     script:
         ENTRY
 
@@ -74,5 +74,5 @@ ALL_TARGETS.extend(
     f"results/{study}/qc/figures/{sample}.{fmt}"
     for study in config["studies"]
     for sample in samples_of(study)
-    for fmt in config["qc"]["figure_formats"]
+    for fmt in config["figures"]["formats"]
 )

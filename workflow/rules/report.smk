@@ -39,8 +39,8 @@ rule report_claims:
         runtime=runtime_from_input(minutes_per_gb=120, minimum=10),
     params:
         entry="livermsc.report:rule_report_claims",
-        formats=config["report"]["formats"],
-        dpi=config["report"]["dpi"],
+        formats=config["figures"]["formats"],
+        dpi=config["figures"]["dpi"],
         stages=sample_stages,
     script:
         ENTRY
@@ -98,8 +98,8 @@ rule report_summary:
     params:
         entry="livermsc.report:rule_report_summary",
         studies=config["studies"],
-        formats=config["report"]["formats"],
-        dpi=config["report"]["dpi"],
+        formats=config["figures"]["formats"],
+        dpi=config["figures"]["dpi"],
         effect_limit=config["report"]["effect_limit"],
         embed=config["report"]["embed_figures"],
     script:
