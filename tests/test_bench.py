@@ -119,6 +119,11 @@ def test_markdown_snippet():
         assert len({r.count("|") for r in rows}) <= 1, block
     loaded = bench.markdown(_end_to_end(loaded=True), rules, ENV)
     assert "(measured while other work loaded the machine)" in loaded
+    no_ref = _end_to_end(loaded=False).assign(reference_wall_s=float("nan"),
+                                              reference_peak_rss_mb=float("nan"),
+                                              wall_ratio=float("nan"))
+    assert "| 50,123 | 12 | 11 min 06 s | 2.1 GB | n/a | n/a | not run |" in \
+        bench.markdown(no_ref, rules, ENV)  # --no-reference
 
 
 @pytest.mark.parametrize("seconds, text", [(4.4, "4 s"), (59.6, "1 min 00 s"),

@@ -336,8 +336,9 @@ def _n_cells_after_qc(work: Path) -> float:
 
 def bench_size(n_cells: int, *, epochs: int | None, cores: int, animals_per_arm: int,
                seed: int, scratch: Path, runs_dir: Path, configfile: Path | None = None,
-               ) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
-    """Simulate one size, run workflow and reference on it; (end-to-end row, jobs, steps)."""
+               reference: bool = True) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+    """Simulate one size, run workflow and (unless ``reference`` is False) the reference on
+    it; (end-to-end row, jobs, steps)."""
     work = scratch / f"cells_{n_cells}"
     run_dir = runs_dir / f"cells_{n_cells}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -365,13 +366,19 @@ def bench_size(n_cells: int, *, epochs: int | None, cores: int, animals_per_arm:
 
     ref_json = run_dir / "reference.json"
     ref_log = run_dir / "reference.log"
-    ref = run_measured(reference_command(work, cores, ref_json), work, ref_log, env)
+    nan = float("nan")
+    if reference:
+        ref = run_measured(reference_command(work, cores, ref_json), work, ref_log, env)
+        if ref.returncode != 0 or not ref_json.is_file():
+            raise BenchError(f"the reference script failed on {n_cells} cells (exit "
+                             f"{ref.returncode}); log {ref_log}:\n{_tail(ref_log)}")
+        ref_info = json.loads(ref_json.read_text())
+    else:
+        ref = Measured(returncode=0, wall_s=nan, cpu_s=nan, max_rss_mb=nan)
+        ref_info = {"steps": {}, "n_cells_after_qc": nan, "scvi_epochs": nan}
     load_after = os.getloadavg()[0]
-    if ref.returncode != 0 or not ref_json.is_file():
-        raise BenchError(f"the reference script failed on {n_cells} cells (exit "
-                         f"{ref.returncode}); log {ref_log}:\n{_tail(ref_log)}")
-    ref_info = json.loads(ref_json.read_text())
-    steps = pd.DataFrame([{"step": k, "wall_s": v} for k, v in ref_info["steps"].items()])
+    steps = pd.DataFrame([{"step": k, "wall_s": v} for k, v in ref_info["steps"].items()],
+                         columns=["step", "wall_s"])
 
     scvi = cfg["integrate"]["scvi"]
     row = {
@@ -449,9 +456,10 @@ def markdown(end_to_end: pd.DataFrame, rules: pd.DataFrame, env: Mapping[str, An
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in end_to_end.itertuples():
+        ratio = f"{r.wall_ratio:.2f}x" if np.isfinite(r.wall_ratio) else "not run"
         lines.append(f"| {r.cells:,} | {r.samples} | {_fmt_s(r.workflow_wall_s)} | "
                      f"{_fmt_mb(r.workflow_peak_rss_mb)} | {_fmt_s(r.reference_wall_s)} | "
-                     f"{_fmt_mb(r.reference_peak_rss_mb)} | {r.wall_ratio:.2f}x |")
+                     f"{_fmt_mb(r.reference_peak_rss_mb)} | {ratio} |")
     for r in end_to_end.itertuples():
         sub = rules[rules["cells"] == r.cells].head(top_rules)
         if sub.empty:
@@ -483,25 +491,28 @@ def write_tables(out: Path, end_to_end: pd.DataFrame, rules: pd.DataFrame, jobs:
 
 def run_bench(cells: Sequence[int], *, epochs: int | None, out: Path, cores: int,
               animals_per_arm: int = 3, seed: int = 0, keep: bool = False,
-              scratch: Path | None = None, configfile: Path | None = None) -> pd.DataFrame:
+              scratch: Path | None = None, configfile: Path | None = None,
+              reference: bool = True) -> pd.DataFrame:
     """Benchmark every size in ``cells``; write the tables into ``out``; return end to end."""
     out.mkdir(parents=True, exist_ok=True)
     scratch = scratch or out / "work"
     env = environment(cores)
     rows, all_jobs, all_rules, all_steps = [], [], [], []
     for n in cells:
-        print(f"bench: {n} cells: simulating, then the workflow and the reference "
-              f"({cores} cores)", flush=True)
+        print(f"bench: {n} cells: simulating, then the workflow"
+              + (" and the reference" if reference else "") + f" ({cores} cores)", flush=True)
         row, jobs, steps = bench_size(n, epochs=epochs, cores=cores,
                                       animals_per_arm=animals_per_arm, seed=seed,
                                       scratch=scratch, runs_dir=out / "runs",
-                                      configfile=configfile)
+                                      configfile=configfile, reference=reference)
         rows.append(row)
         all_jobs.append(jobs.assign(cells=row["cells"]))
         all_rules.append(rule_table(jobs).assign(cells=row["cells"]))
         all_steps.append(steps.assign(cells=row["cells"]))
         print(f"bench: {row['cells']} cells: workflow {_fmt_s(row['workflow_wall_s'])}, "
-              f"reference {_fmt_s(row['reference_wall_s'])}, ratio {row['wall_ratio']:.2f}x",
+              f"reference {_fmt_s(row['reference_wall_s'])}, ratio {row['wall_ratio']:.2f}x"
+              if reference else
+              f"bench: {row['cells']} cells: workflow {_fmt_s(row['workflow_wall_s'])}",
               flush=True)
         if not keep:
             shutil.rmtree(scratch / f"cells_{n}", ignore_errors=True)
@@ -582,6 +593,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder of the scratch working directories (default OUT/work)")
     p.add_argument("--keep", action="store_true",
                    help="keep each size's scratch working directory (data, results, logs)")
+    p.add_argument("--no-reference", dest="reference", action="store_false",
+                   help="time the workflow only (no in-memory reference, no ratio)")
 
 
 def bench_cli(args: argparse.Namespace) -> int:
@@ -591,7 +604,7 @@ def bench_cli(args: argparse.Namespace) -> int:
         end_to_end = run_bench(cells, epochs=args.epochs, out=args.out, cores=args.cores,
                                animals_per_arm=args.animals_per_arm, seed=args.seed,
                                keep=args.keep, scratch=args.scratch,
-                               configfile=args.configfile)
+                               configfile=args.configfile, reference=args.reference)
     except BenchError as err:
         print(f"livermsc bench: {err}", file=sys.stderr)
         return 1
@@ -670,7 +683,7 @@ def _qc_sample(adata: Any, qc: Mapping[str, Any], species: str, seed: int) -> An
                        sim_doublet_ratio=dbl["sim_ratio"],
                        n_prin_comps=int(min(dbl["n_pcs"], adata.n_obs - 1)),
                        log_transform=dbl["log_transform"], threshold=dbl["threshold"],
-                       random_state=seed)
+                       random_state=seed, use_approx_neighbors=False)  # as the QC rule
         called = adata.obs["predicted_doublet"].to_numpy(bool)
         if dbl["threshold"] is None and "threshold" not in adata.uns.get("scrublet", {}):
             called = adata.obs["doublet_score"].to_numpy(float) > dbl["fallback_threshold"]
