@@ -137,7 +137,7 @@ rule integration_metrics:
         "benchmarks/integration_metrics/{study}.tsv"
     conda:
         "../../envs/scvi_cpu.yaml"
-    threads: 2
+    threads: 1  # single-threaded: two would keep the score and claims jobs waiting
     resources:
         mem_mb=mem_mb_from_input(factor=8, minimum=4000, maximum=128000),
         runtime=runtime_from_input(minutes_per_gb=120, minimum=15),

@@ -34,7 +34,7 @@ rule score:
         "benchmarks/score/{study}.tsv"
     conda:
         "../../envs/scanpy.yaml"
-    threads: 2
+    threads: 1  # ssGSEA's threads gain nothing here; one lets the metrics job run alongside
     resources:
         mem_mb=mem_mb_from_input(factor=6, minimum=4000, maximum=256000),
         runtime=runtime_from_input(minutes_per_gb=60, minimum=15),
