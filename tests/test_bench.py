@@ -242,3 +242,13 @@ def test_bench_smoke(tmp_path):
     md = (out / "performance.md").read_text()
     assert f"| {int(row['cells']):,} | 8 |" in md
     assert not (out / "work").exists()  # scratch removed without --keep
+
+
+def test_settled_load_waits_for_the_load_to_fall(monkeypatch):
+    cores = bench.available_cores()
+    loads = iter([3.0 * cores, 2.0 * cores, 0.1 * cores])
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (next(loads), 0.0, 0.0))
+    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
+    assert bench.settled_load(cores) == 0.1 * cores
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (3.0 * cores, 0.0, 0.0))
+    assert bench.settled_load(cores, wait_s=0.0) == 3.0 * cores  # gives up, reports it

@@ -349,7 +349,7 @@ def bench_size(n_cells: int, *, epochs: int | None, cores: int, animals_per_arm:
     cfg = _merged_config(work)
     env = _child_env(cores)
 
-    load_before = os.getloadavg()[0]
+    load_before = settled_load(cores)
     wf_log = run_dir / "snakemake.log"
     wf = run_measured(snakemake_command(work, cores), work, wf_log, env)
     if wf.returncode != 0:
@@ -406,14 +406,26 @@ def bench_size(n_cells: int, *, epochs: int | None, cores: int, animals_per_arm:
         "rss_ratio": float(jobs["max_rss_mb"].max()) / ref.max_rss_mb,
         "load_1min_before": load_before,
         "load_1min_after": load_after,
-        "loaded": is_loaded([load_before, load_after], cores),
+        "loaded": is_loaded([load_before], cores),
     }
     return row, jobs, steps
 
 
+def settled_load(cores: int, wait_s: float = 120.0, every_s: float = 5.0) -> float:
+    """The 1-minute load average once it has settled under the :func:`is_loaded` threshold
+    (it still carries the previous size's runs), waiting at most ``wait_s`` seconds."""
+    deadline = time.monotonic() + wait_s
+    load = os.getloadavg()[0]
+    while is_loaded([load], cores) and time.monotonic() < deadline:
+        time.sleep(every_s)
+        load = os.getloadavg()[0]
+    return load
+
+
 def is_loaded(loads: Iterable[float], cores: int) -> bool:
-    """Whether other work loaded the machine: a 1-minute load average, taken when neither
-    measured run was going, above :data:`LOADED_PER_CORE` per available core."""
+    """Whether other work loaded the machine: a 1-minute load average taken before the
+    measured runs (:func:`settled_load`; the one after them carries the runs themselves)
+    above :data:`LOADED_PER_CORE` per available core."""
     return any(x > LOADED_PER_CORE * max(available_cores(), cores) for x in loads)
 
 
