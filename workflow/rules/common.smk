@@ -177,7 +177,8 @@ def sample_stages(wildcards):
 # fetch ------------------------------------------------------------------------------------------
 # Studies with source geo/url: their files and sample -> file mapping are checked here, before any
 # job runs (livermsc.fetch.plan_study); fetch.smk turns each plan into rules.
-from livermsc.fetch import FetchSettings, plan_study
+from livermsc.fetch import plan_study
+from livermsc.transfer import FetchSettings
 
 FETCH_PLANS = {
     sid: checked(plan_study, study, FetchSettings.from_config(config["fetch"]))
