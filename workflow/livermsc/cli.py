@@ -50,14 +50,6 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_calibrate(args: argparse.Namespace) -> int:
-    return calibrate_cli(args)
-
-
-def _cmd_draft_study(args: argparse.Namespace) -> int:
-    return draft_cli(args)
-
-
 def _cmd_download(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     cfg = load_yaml(args.configfile) if args.configfile.is_file() else {}
@@ -69,10 +61,6 @@ def _cmd_download(args: argparse.Namespace) -> int:
 def _cmd_draft_sheet(args: argparse.Namespace) -> int:
     draft_sample_sheet(args.archive).to_csv(sys.stdout, sep="\t", index=False)
     return 0
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    return bench_cli(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="simulated cells per sample (default 600; --quick 400)")
     p.add_argument("--configfile", type=Path, default=Path("config/config.yaml"),
                    help="its qc, integrate, cluster, score and claims settings are calibrated")
-    p.set_defaults(func=_cmd_calibrate)
+    p.set_defaults(func=calibrate_cli)
 
     p = sub.add_parser("draft-study", help="draft a study file from a GEO series' metadata "
                        "(SOFT family file or series matrix), arms guessed and marked for review")
@@ -133,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-url", help="GEO base URL (overrides fetch.base_url)")
     p.add_argument("--download-dir", type=Path,
                    help="where a downloaded file goes (default resources/<id>/metadata)")
-    p.set_defaults(func=_cmd_draft_study)
+    p.set_defaults(func=draft_cli)
 
     p = sub.add_parser("download", help="download a study's files outside the workflow (shared "
                        "cache, checksums and offline mode as in the workflow)")
@@ -152,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time the workflow and an in-memory reference script "
                        "side by side on simulated studies of the given sizes")
     add_bench_arguments(p)
-    p.set_defaults(func=_cmd_bench)
+    p.set_defaults(func=bench_cli)
     return parser
 
 

@@ -138,19 +138,22 @@ REPORT_CATEGORY = {
     "claims": "5. Claims",
     "summary": "6. Summary",
 }
+
+
 # The format shown in the report (and embedded in summary.html): PNG, else SVG, else PDF.
-REPORT_FORMAT = next(
-    f
-    for f in ("png", "svg", "pdf", *config["figures"]["formats"])
-    if f in config["figures"]["formats"]
-)
+def shown_format(formats):
+    """The format of a figure shown in the report: PNG, else SVG, else PDF."""
+    return next(f for f in ("png", "svg", "pdf", *formats) if f in formats)
+
+
+REPORT_FORMAT = shown_format(config["figures"]["formats"])
 
 
 def report_figure(stem, caption, category, subcategory=None, labels=None, formats=None):
     """Files of one figure in each of `formats` (default: figures.formats); one of them (PNG,
     else SVG, else PDF) is marked for the report."""
     formats = formats or config["figures"]["formats"]
-    shown = next(f for f in ("png", "svg", "pdf", *formats) if f in formats)
+    shown = shown_format(formats)
     files = []
     for fmt in formats:
         path = f"{stem}.{fmt}"
